@@ -1,0 +1,230 @@
+"""The MASSV drafter checkpoint schema: the one definition both transformers and vLLM read.
+
+A drafter folder is a regular HF checkpoint of its small LM (``model_type`` "qwen2" or
+"gemma3_text", so AutoConfig and vLLM parse it natively) whose ``config.json`` also carries:
+
+    "architectures": ["MassvQwen2DrafterForCausalLM"],
+    "vocab_size": <the target's text vocab size; rows past base_vocab_size are padding>,
+    "massv": {
+      "schema_version": 1,
+      "massv_vllm_version": "0.1.0",
+      "base_architecture": "Qwen2ForCausalLM",
+      "base_vocab_size": 151936,
+      "target": {"family": "qwen2_5_vl", "architecture": "Qwen2_5_VLForConditionalGeneration",
+                 "image_token_id": 151655, "image_embed_dim": 3584, "vocab_size": 152064},
+      "projector": {"input_dim": 3584, "hidden_dim": 1536, "depth": 2, "activation": "gelu"}
+    }
+
+``projector`` is null for a text-only drafter (the baseline): same model class, images ignored.
+Keys are deliberately not named ``projection_*``: vLLM reads those to size its embedding buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from massv_vllm import __version__
+from massv_vllm.families import DRAFTER_ARCHITECTURES, FAMILIES
+
+SCHEMA_VERSION = 1
+CONFIG_KEY = "massv"
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+
+
+class MassvConfigError(ValueError):
+    """A MASSV drafter (or its pairing with a target) is unusable; the message says why."""
+
+    def __init__(self, subject: str, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{subject}:\n{lines}")
+
+
+@dataclass
+class ProjectorConfig:
+    """MLP from the target's image-embedding width to the drafter's hidden size.
+
+    ``depth`` Linear layers: input_dim -> hidden_dim -> ... -> (drafter hidden size), with
+    ``activation`` between them (LLaVA-style 2-layer GELU MLP by default).
+    """
+
+    input_dim: int
+    hidden_dim: int
+    depth: int = 2
+    activation: str = "gelu"
+
+
+@dataclass
+class TargetInfo:
+    """What the drafter was built against; checked against the served target at start-up."""
+
+    family: str
+    architecture: str
+    image_token_id: int
+    image_embed_dim: int
+    vocab_size: int
+
+
+@dataclass
+class MassvConfig:
+    target: TargetInfo
+    base_architecture: str
+    base_vocab_size: int
+    projector: ProjectorConfig | None
+    schema_version: int = SCHEMA_VERSION
+    massv_vllm_version: str = field(default=__version__)
+
+    @property
+    def text_only(self) -> bool:
+        return self.projector is None
+
+    @property
+    def family(self):
+        return FAMILIES[self.target.family]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, subject: str = "MASSV drafter config") -> MassvConfig:
+        """Parse and type-check the ``massv`` section; every problem is reported at once."""
+        if not isinstance(d, dict):
+            raise MassvConfigError(subject, f"'{CONFIG_KEY}' must be an object, got {type(d).__name__}")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            writer = d.get("massv_vllm_version", "unknown")
+            raise MassvConfigError(
+                subject,
+                f"schema_version {version!r} (written by massv-vllm {writer}); this massv-vllm "
+                f"{__version__} reads schema_version {SCHEMA_VERSION}. Rebuild or convert the drafter "
+                "with a matching massv-vllm.",
+            )
+        problems: list[str] = []
+        target = _parse(TargetInfo, d.get("target"), "target", problems)
+        proj_raw = d.get("projector")
+        projector = None if proj_raw is None else _parse(ProjectorConfig, proj_raw, "projector", problems)
+        known = {f.name for f in dataclasses.fields(cls)}
+        problems += [f"unknown key '{k}'" for k in d if k not in known]
+        for key, typ in (("base_architecture", str), ("base_vocab_size", int)):
+            if not isinstance(d.get(key), typ):
+                problems.append(f"'{key}' must be a {typ.__name__}, got {d.get(key)!r}")
+        if target is not None and target.family not in FAMILIES:
+            problems.append(f"target.family {target.family!r} is not one of {sorted(FAMILIES)}")
+        if projector is not None:
+            if projector.activation not in ACTIVATIONS:
+                problems.append(f"projector.activation {projector.activation!r} is not one of {ACTIVATIONS}")
+            if projector.depth < 1:
+                problems.append(f"projector.depth must be >= 1, got {projector.depth}")
+            for k in ("input_dim", "hidden_dim"):
+                if getattr(projector, k) < 1:
+                    problems.append(f"projector.{k} must be positive")
+        if problems:
+            raise MassvConfigError(subject, problems)
+        assert target is not None
+        return cls(
+            target=target,
+            base_architecture=d["base_architecture"],
+            base_vocab_size=d["base_vocab_size"],
+            projector=projector,
+            schema_version=version,
+            massv_vllm_version=d.get("massv_vllm_version", "unknown"),
+        )
+
+    def check_base(self, base_cfg: Any) -> list[str]:
+        """Problems between this section and the small-LM part of the same config.json."""
+        problems = []
+        fam = FAMILIES[self.target.family]
+        model_type = getattr(base_cfg, "model_type", None)
+        if model_type not in fam.base_model_types:
+            problems.append(
+                f"base model_type {model_type!r} is not a {fam.name} small LM "
+                f"(expected one of {list(fam.base_model_types)})"
+            )
+        if self.base_architecture != fam.base_architecture:
+            problems.append(
+                f"unknown base_architecture {self.base_architecture!r} for family {fam.name} "
+                f"(expected {fam.base_architecture!r})"
+            )
+        archs = getattr(base_cfg, "architectures", None) or []
+        if archs != [fam.drafter_architecture]:
+            known = sorted(DRAFTER_ARCHITECTURES)
+            problems.append(f"architectures {archs} must be [{fam.drafter_architecture!r}] (known: {known})")
+        vocab = getattr(base_cfg, "vocab_size", None)
+        if vocab != self.target.vocab_size:
+            problems.append(
+                f"vocab_size {vocab} != target vocab size {self.target.vocab_size} (the drafter's "
+                "embedding and lm_head must be padded to the target vocab)"
+            )
+        if self.base_vocab_size > (vocab or 0):
+            problems.append(f"base_vocab_size {self.base_vocab_size} exceeds vocab_size {vocab}")
+        if self.projector is not None and self.projector.input_dim != self.target.image_embed_dim:
+            problems.append(
+                f"projector.input_dim {self.projector.input_dim} != target.image_embed_dim "
+                f"{self.target.image_embed_dim}"
+            )
+        return problems
+
+
+def _parse(cls: type, raw: Any, name: str, problems: list[str]):
+    """Build dataclass ``cls`` from ``raw``, appending type/key problems; None if unusable."""
+    if not isinstance(raw, dict):
+        problems.append(f"'{name}' must be an object, got {raw!r}")
+        return None
+    before = len(problems)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems += [f"unknown key '{name}.{k}'" for k in raw if k not in fields]
+    kwargs = {}
+    for fname, f in fields.items():
+        if fname not in raw:
+            if f.default is dataclasses.MISSING:
+                problems.append(f"missing key '{name}.{fname}'")
+            continue
+        want = int if f.type in ("int", int) else str  # annotations are strings here
+        val = raw[fname]
+        if not isinstance(val, want) or isinstance(val, bool):
+            problems.append(f"'{name}.{fname}' must be {want.__name__}, got {val!r}")
+        kwargs[fname] = val
+    return cls(**kwargs) if len(problems) == before else None
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise MassvConfigError(f"MASSV drafter {folder}", f"no config.json in {folder}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MassvConfigError(f"MASSV drafter {folder}", f"config.json is not valid JSON: {e}") from e
+
+
+def is_massv_folder(folder: str | Path) -> bool:
+    """True when ``folder`` holds a config.json with a ``massv`` section (cheap, no validation)."""
+    try:
+        return CONFIG_KEY in read_config_json(folder)
+    except MassvConfigError:
+        return False
+
+
+def load_massv_config(folder: str | Path) -> MassvConfig:
+    """Read and validate the ``massv`` section of a drafter folder's config.json."""
+    raw = read_config_json(folder)
+    subject = f"MASSV drafter {folder}"
+    if CONFIG_KEY not in raw:
+        raise MassvConfigError(
+            subject,
+            f"config.json has no '{CONFIG_KEY}' section: this is not a MASSV drafter "
+            "(build one with `massv-build-drafter`)",
+        )
+    return MassvConfig.from_dict(raw[CONFIG_KEY], subject)
+
+
+def massv_config_from_hf(hf_config: Any) -> MassvConfig:
+    """The MASSV section of an already-parsed HF config (vLLM's ``hf_config``)."""
+    raw = getattr(hf_config, CONFIG_KEY, None)
+    if raw is None:
+        raise MassvConfigError("MASSV drafter config", f"hf_config has no '{CONFIG_KEY}' section")
+    return MassvConfig.from_dict(raw)

@@ -1,0 +1,1 @@
+"""Training/eval data: readers, prompt building, feature cache."""

@@ -1,0 +1,199 @@
+"""The MASSV drafter on the transformers side (training, evaluation, TVD).
+
+``MassvDrafter`` = the small LM (``Qwen2ForCausalLM`` / ``Gemma3ForCausalLM``, vocab padded to the
+target's) + ``Projector``. Its forward takes token ids and the *target's* image embeddings, puts
+``projector(image_embeds)`` at the image-token positions and runs the LM; logits of padded vocab
+rows are masked to -inf, exactly as the vLLM drafter does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from massv_vllm.checks import check_drafter
+from massv_vllm.config import CONFIG_KEY, MassvConfig
+from massv_vllm.projector import Projector
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+@dataclass
+class DrafterOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    num_loss_tokens: int = 0
+
+
+def mask_padded_vocab(logits: torch.Tensor, base_vocab_size: int) -> torch.Tensor:
+    """-inf for vocab rows that only exist to match the target's padded vocab (in place)."""
+    if logits.shape[-1] > base_vocab_size:
+        logits[..., base_vocab_size:] = float("-inf")
+    return logits
+
+
+def merge_image_embeds(
+    embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, projected: torch.Tensor
+) -> torch.Tensor:
+    """Overwrite the image-token positions of ``embeds`` [.., T, H] with ``projected`` [N, H].
+
+    Rows of ``projected`` fill the image positions in reading order (batch-major), the order vLLM
+    concatenates a request's image embeddings in.
+    """
+    mask = input_ids == image_token_id
+    n = int(mask.sum())
+    if n != projected.shape[0]:
+        raise ValueError(
+            f"{n} image-token positions in input_ids but {projected.shape[0]} image embeddings: "
+            "the prompt's placeholder expansion does not match the images"
+        )
+    out = embeds.clone()
+    out[mask] = projected.to(embeds.dtype)
+    return out
+
+
+class MassvDrafter(nn.Module):
+    def __init__(self, base: nn.Module, massv: MassvConfig):
+        super().__init__()
+        self.base = base
+        self.massv = massv
+        self.projector = (
+            None if massv.projector is None else Projector(massv.projector, base.config.hidden_size)
+        )
+        if self.projector is not None:
+            self.projector.to(next(base.parameters()).dtype)
+
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (with Gemma's scaling) and projected image embeddings spliced in."""
+        embeds = self.base.get_input_embeddings()(input_ids)
+        if image_embeds is None or self.projector is None:
+            return embeds
+        projected = self.projector(image_embeds.to(embeds.device))
+        return merge_image_embeds(embeds, input_ids, self.massv.target.image_token_id, projected)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> DrafterOutput:
+        """``image_embeds``: [N, input_dim], the target's embeddings for every image token in
+        ``input_ids`` (batch-major order). ``labels``: -100 where no loss is taken."""
+        out = self.base(
+            inputs_embeds=self.embed(input_ids, image_embeds),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        logits = mask_padded_vocab(out.logits, self.massv.base_vocab_size)
+        if labels is None:
+            return DrafterOutput(logits=logits)
+        loss, n = causal_lm_loss(logits, labels, self.massv.base_vocab_size)
+        return DrafterOutput(logits=logits, loss=loss, num_loss_tokens=n)
+
+    # ---- checkpoint I/O -------------------------------------------------------------------
+    def state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        sd = {k: v for k, v in self.base.state_dict().items()}
+        if getattr(self.base.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        if self.projector is not None:
+            sd |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+    def save_pretrained(self, out_dir: str | Path, tokenizer_from: str | Path | None = None) -> Path:
+        """Write config.json (+ ``massv`` section), model.safetensors and tokenizer files."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.base.config
+        setattr(cfg, CONFIG_KEY, self.massv.to_dict())
+        cfg.architectures = [self.massv.family.drafter_architecture]
+        cfg.save_pretrained(out)
+        tmp = out / "model.safetensors.tmp"
+        save_file(self.state_dict_for_save(), str(tmp), metadata={"format": "pt"})
+        tmp.replace(out / "model.safetensors")  # atomic: a killed save never leaves a torn file
+        if tokenizer_from is not None:
+            copy_tokenizer_files(Path(tokenizer_from), out)
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        allow_pickle: bool | None = None,
+    ) -> MassvDrafter:
+        """Load a drafter folder (validated first: schema, files, tensor shapes)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        info = check_drafter(folder, allow_pickle=allow_pickle)
+        sd: dict[str, torch.Tensor] = {}
+        for f in info.weight_files:
+            if f.suffix == ".safetensors":
+                sd |= load_file(str(f))
+            else:  # only reachable when the user allowed pickle explicitly
+                sd |= torch.load(str(f), map_location="cpu", weights_only=True)
+        dtype = dtype or next(iter(sd.values())).dtype
+        base = AutoModelForCausalLM.from_config(info.base_config, dtype=dtype)
+        model = cls(base, info.massv)
+        missing, unexpected = model.load_state_dict(
+            {("base." + k if not k.startswith("projector.") else k): v for k, v in sd.items()},
+            strict=False,
+        )
+        tied = {"base.lm_head.weight"} if getattr(info.base_config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"{folder}: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
+        base.tie_weights()
+        return model.to(device=device, dtype=dtype)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, base_vocab_size: int
+) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over positions with a label (fp32); padded-vocab labels skipped."""
+    shift_logits = logits[..., :-1, :].float()
+    shift_labels = labels[..., 1:].to(logits.device)
+    shift_labels = shift_labels.masked_fill(shift_labels >= base_vocab_size, -100)
+    n = int((shift_labels != -100).sum())
+    loss = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    ) / max(n, 1)
+    return loss, n
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,1 @@
+"""vLLM-side MASSV drafter classes (registered lazily by the plugin; import only inside vLLM)."""

@@ -1,0 +1,78 @@
+"""EngineArgs (vllm/engine/arg_utils.py, vLLM 0.26.0): the ``"method": "massv"`` spelling.
+
+vLLM's ``SpeculativeConfig.method`` is a closed Literal; a new method would have to be threaded
+through ~10 hard-coded ``"draft_model"`` sites. MASSV *is* a draft model, so the alias is resolved
+where the user's dict enters the engine (``create_speculative_config``, process 0 only; engine-core
+and worker processes receive the built config): the drafter/target pair is validated there, before
+any model or GPU memory is touched, and ``"massv"`` becomes ``"draft_model"``. The same validation
+runs for ``"draft_model"`` pointed at a MASSV folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from massv_vllm.patches import replace_method
+
+logger = logging.getLogger("vllm.massv_vllm.patches")
+METHOD = "massv"
+
+
+def resolve_massv(args: Any, target_model_config: Any) -> None:
+    """Validate a massv/draft_model speculative config on ``args`` and rewrite the alias in place."""
+    from massv_vllm.checks import check_pair
+    from massv_vllm.config import MassvConfigError, is_massv_folder
+
+    spec = dict(args.speculative_config or {})
+    method = spec.get("method", args.spec_method)
+    model = spec.get("model", args.spec_model)
+    if method != METHOD and not (method == "draft_model" and model and is_massv_folder(model)):
+        return
+    if not model:
+        raise MassvConfigError(
+            "speculative_config", '"method": "massv" needs "model": the path of a MASSV drafter folder'
+        )
+    info = check_pair(model, target_model_config.hf_config, target_model_config.tokenizer)
+    if method == METHOD:
+        if "method" in spec:
+            spec["method"] = "draft_model"
+            args.speculative_config = spec
+        else:
+            args.spec_method = "draft_model"
+    _check_lengths(info, target_model_config)
+    if info.massv.target.family == "gemma3" and args.disable_hybrid_kv_cache_manager is None:
+        # The drafter's sliding-window and full-attention layers must share one KV-cache group
+        # (llm_base_proposer.validate_same_kv_cache_group); the hybrid manager would split them.
+        args.disable_hybrid_kv_cache_manager = True
+        logger.info("massv-vllm: Gemma3 target -> disable_hybrid_kv_cache_manager=True")
+    kind = "text-only" if info.massv.text_only else "MASSV"
+    logger.info(
+        "massv-vllm: %s drafter %s validated against target %s", kind, model, target_model_config.model
+    )
+
+
+def _check_lengths(info: Any, target_model_config: Any) -> None:
+    limit = getattr(info.base_config, "max_position_embeddings", None)
+    if limit and target_model_config.max_model_len > limit:
+        logger.warning(
+            "massv-vllm: target max_model_len %d exceeds the drafter's %d positions; while a batch "
+            "holds a longer sequence vLLM proposes no real drafts (outputs stay exact, speed-up is "
+            "lost). Pass --max-model-len <= %d to avoid it.",
+            target_model_config.max_model_len,
+            limit,
+            limit,
+        )
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    def make(original):
+        def create_speculative_config(self, target_model_config, target_parallel_config):
+            resolve_massv(self, target_model_config)
+            return original(self, target_model_config, target_parallel_config)
+
+        return create_speculative_config
+
+    replace_method(EngineArgs, "create_speculative_config", make)

@@ -1,0 +1,281 @@
+"""Readers for image-conversation data: LLaVA-style JSON/JSONL and Hugging Face ``datasets``.
+
+Both produce ``Record``s: an id, the images (paths checked to stay inside the declared image root,
+or in-memory PIL images from a dataset), the conversation turns, and an optional task label.
+Training (captions for phase 1, instructions for generation/SDViT) and the benchmarks (eval sets)
+read data only through here.
+
+LLaVA format (a JSON list, or JSONL with one object per line)::
+
+    {"id": "0001", "image": "imgs/0001.png",            # or "images": [...], or absent
+     "task": "vqa",                                     # optional
+     "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the circle?"},
+                       {"from": "gpt", "value": "It is red."}]}
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_MARK = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """A data file or sample is malformed (the message names the file and sample)."""
+
+
+@dataclass
+class Record:
+    id: str
+    images: list[Any]  # Path (inside the image root) or PIL.Image.Image
+    turns: list[tuple[str, str]]  # (role, text); user text may hold "<image>" markers
+    task: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt(self) -> str:
+        """The first user turn (the instruction)."""
+        return next(t for r, t in self.turns if r == "user")
+
+    @property
+    def response(self) -> str | None:
+        """The first assistant turn, if any (caption / reference answer)."""
+        return next((t for r, t in self.turns if r == "assistant"), None)
+
+
+@dataclass
+class ReadStats:
+    """Samples skipped while reading or preparing data, by reason (reported at the end of a run)."""
+
+    seen: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
+        return f"{self.kept}/{self.seen} samples kept; skipped: {parts}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen, "kept": self.kept, "skipped": dict(self.skipped)}
+
+
+def safe_join(root: Path, rel: str) -> Path:
+    """``root / rel``, refusing absolute paths and anything resolving outside ``root``."""
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"image path must be a non-empty string, got {rel!r}")
+    p = Path(rel)
+    if p.is_absolute():
+        raise DataError(f"image path {rel!r} is absolute; paths must be relative to the image root")
+    root_r = root.resolve()
+    full = (root_r / p).resolve()
+    if full != root_r and root_r not in full.parents:
+        raise DataError(f"image path {rel!r} escapes the image root {root}")
+    return full
+
+
+def load_image(src: Any):
+    """Open an image as RGB; raises DataError for missing, unreadable or empty images."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        try:
+            with Image.open(src) as im:
+                im.load()
+                img = im.copy()
+        except FileNotFoundError as e:
+            raise DataError(f"image not found: {src}") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"unreadable image {src}: {e}") from e
+    if img.width == 0 or img.height == 0:
+        raise DataError(f"image {src} has zero size")
+    return img.convert("RGB")
+
+
+def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i + 1}: invalid JSON: {e}") from e
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of samples")
+    yield from enumerate(data)
+
+
+def parse_llava(obj: Any, image_root: Path, where: str) -> Record:
+    if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
+        raise DataError(f"{where}: sample needs a 'conversations' list")
+    imgs = obj.get("images", obj.get("image"))
+    rels = [] if imgs is None else [imgs] if isinstance(imgs, str) else list(imgs)
+    turns = []
+    for t in obj["conversations"]:
+        role = ROLES.get(t.get("from") or t.get("role"))
+        if role is None or not isinstance(t.get("value", t.get("content")), str):
+            raise DataError(f"{where}: bad turn {t!r}")
+        turns.append((role, t.get("value", t.get("content"))))
+    marks = sum(text.count(IMAGE_MARK) for _, text in turns)
+    if rels and marks == 0:  # LLaVA convention: image before the first instruction
+        role, text = turns[0]
+        turns[0] = (role, IMAGE_MARK + "\n" + text)
+    elif marks != len(rels):
+        raise DataError(f"{where}: {marks} '<image>' markers for {len(rels)} images")
+    return Record(
+        id=str(obj.get("id", where)),
+        images=[safe_join(image_root, r) for r in rels],
+        turns=turns,
+        task=obj.get("task"),
+        meta={k: v for k, v in obj.items() if k not in ("id", "image", "images", "conversations", "task")},
+    )
+
+
+def read_llava(
+    path: str | Path, image_root: str | Path | None = None, stats: ReadStats | None = None
+) -> Iterator[Record]:
+    """Records of a LLaVA-style JSON/JSONL file; ``image_root`` defaults to the file's folder.
+
+    Malformed samples and image paths escaping the root are skipped and counted in ``stats``.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    stats = stats if stats is not None else ReadStats()
+    for i, obj in _iter_json(path):
+        stats.seen += 1
+        try:
+            rec = parse_llava(obj, root, f"{path.name}[{i}]")
+        except DataError as e:
+            stats.skip(
+                "path outside image root" if "escapes" in str(e) or "absolute" in str(e) else "malformed"
+            )
+            continue
+        stats.kept += 1
+        yield rec
+
+
+def read_hf_dataset(
+    path: str | Path,
+    *,
+    image_column: str = "image",
+    prompt_column: str = "prompt",
+    response_column: str | None = "response",
+    task_column: str | None = None,
+    id_column: str | None = None,
+    split: str = "train",
+    stats: ReadStats | None = None,
+) -> Iterator[Record]:
+    """Records of a ``datasets`` dataset: a ``save_to_disk`` folder, a parquet file/folder, or an
+    imagefolder. Column names come from the command line."""
+    ds = _open_dataset(Path(path), split)
+    stats = stats if stats is not None else ReadStats()
+    missing = [
+        c
+        for c in (image_column, prompt_column, response_column, task_column, id_column)
+        if c and c not in ds.column_names
+    ]
+    if missing:
+        raise DataError(f"{path}: columns {missing} not in dataset (has {ds.column_names})")
+    for i, row in enumerate(ds):
+        stats.seen += 1
+        img = row[image_column]
+        imgs = [] if img is None else list(img) if isinstance(img, list) else [img]
+        prompt = row[prompt_column]
+        if not isinstance(prompt, str):
+            stats.skip("malformed")
+            continue
+        if imgs and IMAGE_MARK not in prompt:
+            prompt = IMAGE_MARK * len(imgs) + "\n" + prompt
+        turns = [("user", prompt)]
+        if response_column and isinstance(row.get(response_column), str):
+            turns.append(("assistant", row[response_column]))
+        stats.kept += 1
+        yield Record(
+            id=str(row[id_column]) if id_column else f"{Path(path).name}[{i}]",
+            images=imgs,
+            turns=turns,
+            task=row.get(task_column) if task_column else None,
+        )
+
+
+def _open_dataset(path: Path, split: str):
+    import datasets
+
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(str(path))
+    elif path.suffix == ".parquet" or any(path.glob("*.parquet")):
+        files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
+        ds = datasets.load_dataset("parquet", data_files=files)
+    elif path.is_dir():
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path))
+    else:
+        raise DataError(f"{path}: not a saved dataset, parquet file/folder or image folder")
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r} (has {list(ds)})")
+        ds = ds[split]
+    return ds
+
+
+def read_records(
+    path: str | Path, image_root: str | Path | None = None, stats: ReadStats | None = None, **hf_columns: Any
+) -> Iterator[Record]:
+    """LLaVA JSON/JSONL by suffix, otherwise a ``datasets`` source."""
+    p = Path(path)
+    if p.suffix in (".json", ".jsonl"):
+        return read_llava(p, image_root, stats)
+    return read_hf_dataset(p, stats=stats, **hf_columns)
+
+
+def hf_messages(record: Record, with_response: bool = False) -> list[dict[str, Any]]:
+    """HF chat-template messages: "<image>" markers become {"type": "image"} items, in place."""
+    out = []
+    turns = record.turns
+    if not with_response:  # the prompt: everything before the first assistant turn
+        first = next((i for i, (r, _) in enumerate(turns) if r == "assistant"), len(turns))
+        turns = turns[:first]
+    for role, text in turns:
+        if role == "user" and IMAGE_MARK in text:
+            content: list[dict[str, Any]] = []
+            for i, piece in enumerate(text.split(IMAGE_MARK)):
+                if i:
+                    content.append({"type": "image"})
+                if piece.strip():
+                    content.append({"type": "text", "text": piece.strip("\n")})
+            out.append({"role": role, "content": content})
+        else:
+            out.append({"role": role, "content": [{"type": "text", "text": text}]})
+    return out
+
+
+def openai_messages(record: Record, images: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI-style messages for ``LLM.chat`` / ``vllm serve``: images as base64 data URLs, placed
+    where the markers are, so vLLM builds the same prompt as ``hf_messages`` + the template."""
+    from vllm.multimodal.utils import encode_image_url
+
+    msgs = hf_messages(record)
+    it = iter(images)
+    for m in msgs:
+        m["content"] = [
+            {"type": "image_url", "image_url": {"url": encode_image_url(next(it))}}
+            if c["type"] == "image"
+            else c
+            for c in m["content"]
+        ]
+    return msgs

@@ -1,0 +1,66 @@
+"""Look inside a running MASSV drafter: what it receives and what it proposes.
+
+Pass ``worker_extension_cls="massv_vllm.debug.DrafterProbe"`` to ``LLM(...)``, then::
+
+    llm.collective_rpc("massv_probe_start")
+    llm.generate(...)
+    rec = llm.collective_rpc("massv_probe_records")[0]
+
+``rec["projector_inputs"]``: the image embeddings the drafter's projector received, one entry per
+call (shape + values), i.e. the target's own encoder outputs as vLLM hands them over.
+``rec["drafts"]``: every proposal as {request id: draft token ids}. ``rec["positions"]``: the
+positions of every drafter forward (first pass and later steps). Used by the tests and handy
+when debugging acceptance; it costs host syncs, so never leave it on in production.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _unwrap(model: Any) -> Any:
+    return model.unwrap() if hasattr(model, "unwrap") else model
+
+
+class DrafterProbe:
+    """vLLM worker extension (mixed into the worker class by vLLM)."""
+
+    def massv_probe_start(self) -> bool:
+        runner = self.model_runner
+        drafter = getattr(runner, "drafter", None)
+        if drafter is None:
+            raise RuntimeError("no drafter in this engine (speculative decoding is off)")
+        rec = {"projector_inputs": [], "drafts": [], "positions": []}
+        runner._massv_probe = rec
+        if getattr(drafter, "_massv_probe_installed", False):
+            return True
+        model = _unwrap(drafter.model)
+        if getattr(model, "projector", None) is not None:
+            model.projector.register_forward_hook(
+                lambda mod, inp, out: runner._massv_probe["projector_inputs"].append(
+                    {"shape": list(inp[0].shape), "values": inp[0].float().flatten().cpu().tolist()}
+                )
+            )
+        orig_forward = model.forward
+
+        def forward(*args, **kwargs):
+            pos = kwargs.get("positions", args[1] if len(args) > 1 else None)
+            if pos is not None:
+                runner._massv_probe["positions"].append(pos.flatten().cpu().tolist())
+            return orig_forward(*args, **kwargs)
+
+        model.forward = forward
+        orig_propose = drafter.propose
+
+        def propose(*args, **kwargs):
+            out = orig_propose(*args, **kwargs)
+            ids = list(runner.input_batch.req_ids)
+            runner._massv_probe["drafts"].append(dict(zip(ids, out.cpu().tolist())))
+            return out
+
+        drafter.propose = propose
+        drafter._massv_probe_installed = True
+        return True
+
+    def massv_probe_records(self) -> dict[str, Any]:
+        return getattr(self.model_runner, "_massv_probe", None) or {}

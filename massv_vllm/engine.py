@@ -1,0 +1,54 @@
+"""One place that turns "target + speculative config" into vLLM engine arguments.
+
+Used by the tests, the benchmarks and the training data generator, so all of them run the engine
+the same way. On a machine without a GPU (vLLM's CPU backend) it applies what that backend needs:
+eager mode, a bounded KV cache (``gpu_memory_utilization`` means a share of RAM there) and
+16-token blocks (Gemma3's hybrid layout otherwise picks a block size the CPU kernels reject).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def engine_kwargs(
+    target: str,
+    speculative_config: dict[str, Any] | None = None,
+    *,
+    max_model_len: int = 4096,
+    max_images: int = 4,
+    dtype: str = "auto",
+    probe: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(
+        model=target,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        limit_mm_per_prompt={"image": max_images, "video": 0},
+        disable_log_stats=False,  # spec-decode counters for LLM.get_metrics()
+        speculative_config=speculative_config,
+        seed=0,
+    )
+    if probe:
+        kw["worker_extension_cls"] = "massv_vllm.debug.DrafterProbe"
+    if not on_gpu():
+        kw.update(enforce_eager=True, kv_cache_memory_bytes=512 << 20, block_size=16)
+    kw.update(overrides)
+    return kw
+
+
+def make_llm(target: str, speculative_config: dict[str, Any] | None = None, **kw: Any):
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(target, speculative_config, **kw))
+
+
+def massv_spec(drafter: str, num_speculative_tokens: int = 5, **extra: Any) -> dict[str, Any]:
+    return {"method": "massv", "model": drafter, "num_speculative_tokens": num_speculative_tokens, **extra}

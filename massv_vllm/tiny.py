@@ -478,3 +478,58 @@ def _write_generation_config(out: Path, bos: int, eos: list[int]) -> None:
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2) + "\n"
     )
+
+
+@dataclass(frozen=True)
+class TinySet:
+    """A complete tiny family: tokenizer, target VLM, small LM, MASSV and text-only drafters."""
+
+    family: str
+    tokenizer: Path
+    target: Path
+    small_lm: Path
+    drafter: Path
+    text_drafter: Path
+
+
+def build_tiny_set(root: str | Path, family: str, dtype: torch.dtype = torch.float32) -> TinySet:
+    """Build (or reuse, if complete) every tiny checkpoint of ``family`` under ``root``."""
+    from massv_vllm.build import build_drafter
+
+    root = Path(root)
+    s = TinySet(
+        family=family,
+        tokenizer=root / f"{family}-tokenizer",
+        target=root / f"{family}-target",
+        small_lm=root / f"{family}-small-lm",
+        drafter=root / f"{family}-massv-drafter",
+        text_drafter=root / f"{family}-text-drafter",
+    )
+    if (s.text_drafter / "provenance.json").is_file():
+        return s
+    train_tokenizer(s.tokenizer, family)
+    make_target = make_qwen2_5_vl_target if family == "qwen2_5_vl" else make_gemma3_target
+    make_target(s.target, s.tokenizer, dtype=dtype)
+    make_small_lm(s.small_lm, s.tokenizer, family, dtype=dtype)
+    build_drafter(s.small_lm, s.target, s.drafter)
+    build_drafter(s.small_lm, s.target, s.text_drafter, text_only=True)
+    return s
+
+
+def synthetic_image(seed: int, size: tuple[int, int] = (224, 160)):
+    """A deterministic, content-rich RGB test image (fractal + coloured shapes) of ``size``."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    w, h = size
+    x0, y0 = rng.uniform(-2.0, -0.5), rng.uniform(-1.2, 0.2)
+    img = Image.effect_mandelbrot((w, h), (x0, y0, x0 + 1.5, y0 + 1.0), rng.randint(20, 90))
+    img = img.convert("RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(1, 4)):
+        cx, cy, r = rng.randint(0, w), rng.randint(0, h), rng.randint(5, max(6, min(w, h) // 3))
+        color = tuple(rng.randint(0, 255) for _ in range(3))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+    return img

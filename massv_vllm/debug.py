@@ -9,7 +9,8 @@ Pass ``worker_extension_cls="massv_vllm.debug.DrafterProbe"`` to ``LLM(...)``, t
 ``rec["projector_inputs"]``: the image embeddings the drafter's projector received, one entry per
 call (shape + values), i.e. the target's own encoder outputs as vLLM hands them over.
 ``rec["drafts"]``: every proposal as {request id: draft token ids}. ``rec["positions"]``: the
-positions of every drafter forward (first pass and later steps). Used by the tests and handy
+positions of every drafter forward (first pass and later steps). ``rec["steps"]``: per
+proposal, the batch's request ids, query_start_loc, computed tokens and image embeddings passed. Used by the tests and handy
 when debugging acceptance; it costs host syncs, so never leave it on in production.
 """
 
@@ -30,7 +31,7 @@ class DrafterProbe:
         drafter = getattr(runner, "drafter", None)
         if drafter is None:
             raise RuntimeError("no drafter in this engine (speculative decoding is off)")
-        rec = {"projector_inputs": [], "drafts": [], "positions": []}
+        rec = {"projector_inputs": [], "drafts": [], "positions": [], "steps": []}
         runner._massv_probe = rec
         if getattr(drafter, "_massv_probe_installed", False):
             return True
@@ -55,7 +56,18 @@ class DrafterProbe:
         def propose(*args, **kwargs):
             out = orig_propose(*args, **kwargs)
             ids = list(runner.input_batch.req_ids)
+            mm = kwargs.get("mm_embed_inputs")
+            cad = kwargs.get("common_attn_metadata")
             runner._massv_probe["drafts"].append(dict(zip(ids, out.cpu().tolist())))
+            runner._massv_probe["steps"].append(
+                {
+                    "req_ids": ids,
+                    "query_start_loc": cad.query_start_loc_cpu.tolist() if cad is not None else None,
+                    "num_mm_embeds": int(sum(e.shape[0] for e in mm[0])) if mm else 0,
+                    "mm_mask_true": int(mm[1].sum()) if mm else 0,
+                    "num_computed": [int(runner.requests[r].num_computed_tokens) for r in ids],
+                }
+            )
             return out
 
         drafter.propose = propose

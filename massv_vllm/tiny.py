@@ -373,6 +373,12 @@ def make_gemma3_target(
     )
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        # transformers initialises the projector matrix to zeros, which makes every image embed to
+        # 0: give the random target a projector that actually passes image information on.
+        torch.nn.init.normal_(
+            model.model.multi_modal_projector.mm_input_projection_weight, std=vision_hidden**-0.5
+        )
     _save_model(model, out, dtype)
     # transformers 5.17 writes the SigLIP tower as "vision_tower.*"; the published Gemma3
     # checkpoints (and vLLM's loader) use "vision_tower.vision_model.*".

@@ -37,3 +37,27 @@ def tiny_gemma(tiny_root):
 @pytest.fixture(params=["qwen2_5_vl", "gemma3"])
 def tiny_set(request, tiny_qwen, tiny_gemma):
     return tiny_qwen if request.param == "qwen2_5_vl" else tiny_gemma
+
+
+def _reference(tiny):
+    from engine_checks import ENGINE_KW, MAX_TOKENS, SUITE_SIZE
+
+    from massv_vllm.engine import make_llm, shutdown
+    from massv_vllm.lossless import greedy, prompt_suite
+
+    llm = make_llm(str(tiny.target), None, **ENGINE_KW)
+    try:
+        return greedy(llm, prompt_suite(SUITE_SIZE, max_images=2, long_words=150), MAX_TOKENS, logprobs=2)
+    finally:
+        shutdown(llm)
+
+
+@pytest.fixture(scope="session")
+def qwen_reference(tiny_qwen):
+    """The target's own T=0 outputs on the suite (no speculation)."""
+    return _reference(tiny_qwen)
+
+
+@pytest.fixture(scope="session")
+def gemma_reference(tiny_gemma):
+    return _reference(tiny_gemma)

@@ -1,0 +1,142 @@
+"""Assertions shared by the engine tests of both families (not a test module itself)."""
+
+from __future__ import annotations
+
+import torch
+from vllm import SamplingParams
+from vllm.multimodal.utils import encode_image_url
+
+from massv_vllm.lossless import divergences
+from massv_vllm.tiny import synthetic_image
+
+# One prompt suite for every engine test: text-only, 1 and 2 images of varied sizes, long prompts
+# that take several prefill chunks (max_num_batched_tokens is small), all in one batch.
+ENGINE_KW = dict(max_model_len=2048, max_num_batched_tokens=160, max_num_seqs=8, dtype="float32")
+SUITE_SIZE = 12
+MAX_TOKENS = 16
+GAMMA = 3
+
+
+def assert_lossless(reference, candidate) -> None:
+    found = divergences(reference, candidate)
+    for d in found:
+        print("DIVERGENCE", d)
+    assert not found, f"{len(found)} of {len(reference)} requests differ from the no-speculation reference"
+
+
+def chat_with(*images, text="Describe the image."):
+    content = [{"type": "image_url", "image_url": {"url": encode_image_url(img)}} for img in images]
+    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+
+
+def chat(image_seeds, text="Describe the image.", size=(168, 112)):
+    return chat_with(*(synthetic_image(s, size) for s in image_seeds), text=text)
+
+
+def run_probed(llm, messages, max_tokens=4):
+    """One request through a probe-enabled engine; returns (output, probe records)."""
+    llm.collective_rpc("massv_probe_start")
+    out = llm.chat(
+        [messages], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False
+    )[0]
+    return out, llm.collective_rpc("massv_probe_records")[0]
+
+
+def projector_inputs(rec) -> torch.Tensor:
+    return torch.cat([torch.tensor(p["values"]).view(p["shape"]) for p in rec["projector_inputs"]])
+
+
+def first_draft_after_prefill(out, rec) -> tuple[int, list[int]]:
+    """(target's first generated token, the drafter's proposal made right after the full prompt)."""
+    plen = len(out.prompt_token_ids)
+    for step, drafts in zip(rec["steps"], rec["drafts"]):
+        (rid,) = step["req_ids"]
+        qsl = step["query_start_loc"]
+        if step["num_computed"][0] + (qsl[1] - qsl[0]) == plen:
+            return out.outputs[0].token_ids[0], drafts[rid]
+    raise AssertionError("no proposal at the end of prefill")
+
+
+def assert_positions_are_absolute(rec, gamma) -> int:
+    """Every request's first draft slot of every proposal sits at its absolute position.
+
+    With the stock M-RoPE bug a prefill chunk after an image starts at
+    ``num_computed + mrope_position_delta`` instead of ``num_computed``. Returns steps checked.
+    """
+    firsts = rec["positions"][::gamma]  # gamma drafter forwards per proposal, first pass first
+    assert len(firsts) == len(rec["steps"])
+    for pos, step in zip(firsts, rec["steps"]):
+        qsl = step["query_start_loc"]
+        for r, computed in enumerate(step["num_computed"]):
+            assert pos[qsl[r] + r] == computed, (step, pos[qsl[r] + r])
+    return len(firsts)
+
+
+def colour_image(colour: str, seed: int, size=(140, 112)):
+    """A noisy image whose dominant colour is ``colour`` (what the trained drafter must read)."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    base = {"red": (220, 30, 30), "blue": (30, 30, 220)}[colour]
+    img = Image.new("RGB", size, tuple(min(255, max(0, c + rng.randint(-30, 30))) for c in base))
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = rng.randrange(size[0]), rng.randrange(size[1])
+        d.rectangle((x, y, x + 8, y + 8), fill=tuple(rng.randrange(256) for _ in range(3)))
+    return img
+
+
+def train_image_aware_drafter(tiny, out_dir, max_steps: int = 400, text: str = "Describe the image."):
+    """Fit the tiny drafter (transformers side, on TargetEncoder features) to emit one token for
+    red images and another for blue ones at every position after the image.
+
+    Served by vLLM, its first draft then tells whether vLLM fed it the same image features as
+    training did. Returns (drafter folder, {colour: token id}).
+    """
+    from massv_vllm.modeling import MassvDrafter
+    from massv_vllm.target_features import TargetEncoder
+
+    torch.manual_seed(0)
+    enc = TargetEncoder(tiny.target)
+    drafter = MassvDrafter.from_pretrained(tiny.drafter)
+    tokens = {c: enc.tokenizer.convert_tokens_to_ids(t) for c, t in (("red", "red"), ("blue", "blue"))}
+    if any(
+        t is None or t == enc.tokenizer.unk_token_id for t in tokens.values()
+    ):  # byte-level BPE spells " red"
+        tokens = {c: enc.tokenizer(" " + c).input_ids[0] for c in ("red", "blue")}
+    prompt = enc.chat_prompt(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    )
+    batch = []
+    for i in range(16):
+        colour = "red" if i % 2 == 0 else "blue"
+        img = colour_image(colour, seed=10_000 + i)
+        ids = enc.prompt_ids(prompt, [img]).input_ids + [int(torch.randint(30, 300, ()))]
+        last_img = max(j for j, t in enumerate(ids) if t == enc.image_token_id)
+        labels = [-100] * len(ids)
+        for j in range(last_img + 1, len(ids)):
+            labels[j] = tokens[colour]  # predicted from position j-1 (causal shift in the loss)
+        batch.append((torch.tensor([ids]), torch.tensor([labels]), enc.image_features([img])[0]))
+    opt = torch.optim.Adam(drafter.parameters(), lr=3e-3)
+
+    def learned() -> bool:
+        with torch.no_grad():
+            return all(
+                drafter(ids, image_embeds=feats).logits[0, -1].argmax().item() == labels[0, -1].item()
+                for ids, labels, feats in batch
+            )
+
+    for step in range(max_steps):
+        ids, labels, feats = batch[step % len(batch)]
+        loss = drafter(ids, image_embeds=feats, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 19 and learned():
+            break
+    assert learned(), "the drafter did not learn to read the image colour"
+    drafter.eval()
+    drafter.save_pretrained(out_dir, tokenizer_from=tiny.drafter)
+    return out_dir, tokens

@@ -1,0 +1,73 @@
+"""vLLM engine + plugin + MASSV drafter on a tiny Gemma3 target (CPU backend in CI).
+
+Gemma3 uses 1-D RoPE (no position fix needed), images of a fixed number of soft tokens with
+begin/end markers that are not embeddings (``is_embed``), sliding-window layers (the plugin turns
+the hybrid KV-cache manager off so the drafter's layers share one KV group) and bidirectional
+attention over image tokens in the target only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_checks import (
+    ENGINE_KW,
+    GAMMA,
+    MAX_TOKENS,
+    SUITE_SIZE,
+    assert_lossless,
+    chat,
+    chat_with,
+    colour_image,
+    first_draft_after_prefill,
+    projector_inputs,
+    run_probed,
+    train_image_aware_drafter,
+)
+
+from massv_vllm.engine import make_llm, massv_spec, shutdown
+from massv_vllm.lossless import greedy, prompt_suite
+from massv_vllm.metrics import SpecCounters
+from massv_vllm.target_features import TargetEncoder
+from massv_vllm.tiny import synthetic_image
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def aware(tiny_gemma, tmp_path_factory):
+    return train_image_aware_drafter(tiny_gemma, tmp_path_factory.mktemp("aware") / "drafter")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_gemma, aware):
+    engine = make_llm(str(tiny_gemma.target), massv_spec(str(aware[0]), GAMMA), probe=True, **ENGINE_KW)
+    yield engine
+    shutdown(engine)
+
+
+def test_massv_is_lossless_and_counts_drafts(llm, gemma_reference):
+    before = SpecCounters.from_llm(llm)
+    outs = greedy(llm, prompt_suite(SUITE_SIZE, max_images=2, long_words=150), MAX_TOKENS)
+    delta = SpecCounters.from_llm(llm) - before
+    assert_lossless(gemma_reference, outs)
+    assert delta.num_drafts > 0 and 1.0 <= delta.mean_accepted_length <= GAMMA + 1
+    assert len(delta.accepted_per_pos) == GAMMA
+
+
+def test_drafter_receives_the_targets_image_features(llm, tiny_gemma):
+    seeds = [911, 912]
+    _, rec = run_probed(llm, chat(seeds, size=(150, 220)))
+    want = torch.cat(
+        TargetEncoder(tiny_gemma.target).image_features([synthetic_image(s, (150, 220)) for s in seeds])
+    )
+    got = projector_inputs(rec)
+    assert got.shape == want.shape  # soft tokens only: <start_of_image>/<end_of_image> excluded
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_served_drafter_reads_the_image(llm, aware):
+    _, tokens = aware
+    for i, colour in enumerate(["blue", "red", "red", "blue"]):
+        out, rec = run_probed(llm, chat_with(colour_image(colour, seed=30_000 + i)), max_tokens=2)
+        assert first_draft_after_prefill(out, rec)[1][0] == tokens[colour]

@@ -1,0 +1,113 @@
+"""vLLM engine + plugin + MASSV drafter on a tiny Qwen2.5-VL target (CPU backend in CI).
+
+One MASSV engine for the module; the no-speculation reference comes from the session fixture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_checks import (
+    ENGINE_KW,
+    GAMMA,
+    MAX_TOKENS,
+    SUITE_SIZE,
+    assert_lossless,
+    assert_positions_are_absolute,
+    chat,
+    chat_with,
+    colour_image,
+    first_draft_after_prefill,
+    projector_inputs,
+    run_probed,
+    train_image_aware_drafter,
+)
+
+from massv_vllm.engine import make_llm, massv_spec, shutdown
+from massv_vllm.lossless import greedy, prompt_suite
+from massv_vllm.metrics import SpecCounters
+from massv_vllm.target_features import TargetEncoder
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def aware(tiny_qwen, tmp_path_factory):
+    """A drafter trained (transformers side) to name the colour of the image it is shown."""
+    return train_image_aware_drafter(tiny_qwen, tmp_path_factory.mktemp("aware") / "drafter")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen, aware):
+    engine = make_llm(str(tiny_qwen.target), massv_spec(str(aware[0]), GAMMA), probe=True, **ENGINE_KW)
+    yield engine
+    shutdown(engine)
+
+
+@pytest.fixture(scope="module")
+def suite_run(llm):
+    before = SpecCounters.from_llm(llm)
+    outs = greedy(llm, prompt_suite(SUITE_SIZE, max_images=2, long_words=150), MAX_TOKENS)
+    return outs, SpecCounters.from_llm(llm) - before
+
+
+def test_massv_is_lossless_at_t0(suite_run, qwen_reference):
+    outs, _ = suite_run
+    assert any(o.prompt_len > ENGINE_KW["max_num_batched_tokens"] for o in outs)  # chunked prefills happened
+    assert_lossless(qwen_reference, outs)
+
+
+def test_spec_decode_counters_are_populated(suite_run):
+    _, delta = suite_run
+    assert delta.num_drafts > 0
+    assert delta.num_draft_tokens == GAMMA * delta.num_drafts
+    assert 1.0 <= delta.mean_accepted_length <= GAMMA + 1
+    assert len(delta.accepted_per_pos) == GAMMA
+
+
+def test_drafter_receives_the_targets_image_features(llm, tiny_qwen):
+    """What vLLM feeds the projector == TargetEncoder (the training-side features), per token."""
+    seeds = [901, 902]
+    _, rec = run_probed(llm, chat(seeds, size=(250, 130)))
+    got = projector_inputs(rec)
+    from massv_vllm.tiny import synthetic_image
+
+    want = torch.cat(
+        TargetEncoder(tiny_qwen.target).image_features([synthetic_image(s, (250, 130)) for s in seeds])
+    )
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_ids_match_the_training_side(llm, tiny_qwen):
+    from massv_vllm.tiny import synthetic_image
+
+    out, _ = run_probed(llm, chat([903], "How many shapes are there?"))
+    enc = TargetEncoder(tiny_qwen.target, load_vision=False)
+    text = enc.chat_prompt(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "How many shapes are there?"}],
+            }
+        ]
+    )
+    assert enc.prompt_ids(text, [synthetic_image(903, (168, 112))]).input_ids == list(out.prompt_token_ids)
+
+
+def test_served_drafter_reads_the_image(llm, aware):
+    """Trained on TargetEncoder features, served by vLLM: its first draft names the image colour,
+    so vLLM hands it the same image features, at the right positions, as training did."""
+    _, tokens = aware
+    for i, colour in enumerate(["red", "blue", "blue", "red"]):
+        out, rec = run_probed(llm, chat_with(colour_image(colour, seed=20_000 + i)), max_tokens=2)
+        _, draft = first_draft_after_prefill(out, rec)
+        assert draft[0] == tokens[colour], (colour, draft)
+
+
+def test_draft_positions_are_absolute_after_images(llm):
+    """The M-RoPE fix: chunks after an image start at the absolute position (KV slots too)."""
+    messages = chat([904, 905], "word " * 120 + "Describe.", size=(300, 200))
+    out, rec = run_probed(llm, messages, max_tokens=6)
+    assert len(out.prompt_token_ids) > ENGINE_KW["max_num_batched_tokens"]
+    assert assert_positions_are_absolute(rec, GAMMA) >= 3

@@ -293,6 +293,15 @@ def make_qwen2_5_vl_target(
     return out
 
 
+def _gemma_layer_types(num_layers: int) -> list[str]:
+    """Gemma3's 5:1 sliding/full pattern, squeezed so even 2 layers hold both kinds (the real
+    models mix them, and that decides how vLLM groups the KV cache)."""
+    return [
+        "full_attention" if i % 6 == 5 or i == num_layers - 1 else "sliding_attention"
+        for i in range(num_layers)
+    ]
+
+
 def _mrope_section(head_dim: int) -> list[int]:
     half = head_dim // 2
     t = half // 4
@@ -348,6 +357,7 @@ def make_gemma3_target(
             head_dim=head_dim,
             query_pre_attn_scalar=head_dim,
             sliding_window=sliding_window,
+            layer_types=_gemma_layer_types(num_layers),
             max_position_embeddings=max_position_embeddings,
             rope_parameters={
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -457,6 +467,7 @@ def make_small_lm(
             head_dim=hd,
             query_pre_attn_scalar=hd,
             sliding_window=64,
+            layer_types=_gemma_layer_types(num_layers),
             max_position_embeddings=max_position_embeddings,
             rope_parameters={
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},

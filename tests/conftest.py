@@ -40,10 +40,9 @@ def tiny_set(request, tiny_qwen, tiny_gemma):
 
 
 def _reference(tiny):
-    from engine_checks import ENGINE_KW, MAX_TOKENS, SUITE_SIZE
-
     from massv_vllm.engine import make_llm, shutdown
     from massv_vllm.lossless import greedy, prompt_suite
+    from tests.engine_checks import ENGINE_KW, MAX_TOKENS, SUITE_SIZE
 
     llm = make_llm(str(tiny.target), None, **ENGINE_KW)
     try:

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_checks import (
+
+from massv_vllm.engine import make_llm, massv_spec, shutdown
+from massv_vllm.lossless import greedy, prompt_suite
+from massv_vllm.metrics import SpecCounters
+from massv_vllm.target_features import TargetEncoder
+from massv_vllm.tiny import synthetic_image
+from tests.engine_checks import (
     ENGINE_KW,
     GAMMA,
     MAX_TOKENS,
@@ -24,12 +30,6 @@ from engine_checks import (
     run_probed,
     train_image_aware_drafter,
 )
-
-from massv_vllm.engine import make_llm, massv_spec, shutdown
-from massv_vllm.lossless import greedy, prompt_suite
-from massv_vllm.metrics import SpecCounters
-from massv_vllm.target_features import TargetEncoder
-from massv_vllm.tiny import synthetic_image
 
 pytestmark = pytest.mark.engine
 

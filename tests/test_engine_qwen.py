@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_checks import (
+
+from massv_vllm.engine import make_llm, massv_spec, shutdown
+from massv_vllm.lossless import greedy, prompt_suite
+from massv_vllm.metrics import SpecCounters
+from massv_vllm.target_features import TargetEncoder
+from tests.engine_checks import (
     ENGINE_KW,
     GAMMA,
     MAX_TOKENS,
@@ -22,11 +27,6 @@ from engine_checks import (
     run_probed,
     train_image_aware_drafter,
 )
-
-from massv_vllm.engine import make_llm, massv_spec, shutdown
-from massv_vllm.lossless import greedy, prompt_suite
-from massv_vllm.metrics import SpecCounters
-from massv_vllm.target_features import TargetEncoder
 
 pytestmark = pytest.mark.engine
 

@@ -7,7 +7,10 @@ too (otherwise the benchmarks' text-only baseline would be unfairly crippled).
 from __future__ import annotations
 
 import pytest
-from engine_checks import (
+
+from massv_vllm.engine import make_llm, massv_spec, shutdown
+from massv_vllm.lossless import greedy, prompt_suite
+from tests.engine_checks import (
     ENGINE_KW,
     GAMMA,
     MAX_TOKENS,
@@ -17,9 +20,6 @@ from engine_checks import (
     chat,
     run_probed,
 )
-
-from massv_vllm.engine import make_llm, massv_spec, shutdown
-from massv_vllm.lossless import greedy, prompt_suite
 
 pytestmark = pytest.mark.engine
 

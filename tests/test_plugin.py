@@ -115,3 +115,31 @@ def test_massv_alias_resolves_to_draft_model(tiny_qwen):
                 **(vars(target) | {"hf_config": AutoConfig.from_pretrained(tiny_qwen.small_lm)})
             ),
         )
+
+
+def test_gemma3_targets_get_one_kv_cache_group(tiny_gemma):
+    """Gemma3 drafters mix sliding and full layers; the hybrid KV manager would split them."""
+    from transformers import AutoConfig
+
+    from massv_vllm.patches.engine_args import resolve_massv
+
+    target = types.SimpleNamespace(
+        hf_config=AutoConfig.from_pretrained(tiny_gemma.target),
+        tokenizer=str(tiny_gemma.target),
+        model=str(tiny_gemma.target),
+        max_model_len=512,
+    )
+    spec = {"method": "massv", "model": str(tiny_gemma.drafter)}
+    a = types.SimpleNamespace(
+        speculative_config=spec, spec_method=None, spec_model=None, disable_hybrid_kv_cache_manager=None
+    )
+    resolve_massv(a, target)
+    assert a.disable_hybrid_kv_cache_manager is True
+    b = types.SimpleNamespace(
+        speculative_config=dict(spec),
+        spec_method=None,
+        spec_model=None,
+        disable_hybrid_kv_cache_manager=False,
+    )
+    resolve_massv(b, target)
+    assert b.disable_hybrid_kv_cache_manager is False  # an explicit user choice is kept

@@ -1,0 +1,23 @@
+"""GPU tests: run on the GPU machine (`pytest tests/gpu`), skipped where CUDA is absent.
+
+``MASSV_GPU_TESTS_ON_CPU=1`` runs them on vLLM's CPU backend with small sizes (a dry run of the
+scripts, to catch mistakes before spending GPU time).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_CPU = os.environ.get("MASSV_GPU_TESTS_ON_CPU") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() or ON_CPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine; see README)")
+    for item in items:
+        if "tests/gpu/" in str(item.fspath):
+            item.add_marker(skip)

@@ -105,3 +105,101 @@ class SpecCounters:
         if self.num_draft_tokens <= 0:
             return None
         return self.num_accepted_tokens / self.num_draft_tokens
+
+
+# ---- benchmark maths ---------------------------------------------------------------------------
+# Pure functions shared by benchmarks/ (acceptance, TVD, cost); no engine, no I/O.
+
+
+def sum_counters(deltas: list[SpecCounters]) -> SpecCounters:
+    """Sum of counter deltas (e.g. per-task deltas into an overall figure)."""
+    n = max((len(d.accepted_per_pos) for d in deltas), default=0)
+    per_pos = [0] * n
+    for d in deltas:
+        for i, v in enumerate(d.accepted_per_pos):
+            per_pos[i] += v
+    return SpecCounters(
+        num_drafts=sum(d.num_drafts for d in deltas),
+        num_draft_tokens=sum(d.num_draft_tokens for d in deltas),
+        num_accepted_tokens=sum(d.num_accepted_tokens for d in deltas),
+        accepted_per_pos=tuple(per_pos),
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation between order statistics
+    (numpy's default "linear" method), so p50 of an even-sized list is the mean of the middle two."""
+    if not values:
+        raise ValueError("percentile of an empty list")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    xs = sorted(float(v) for v in values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def latency_summary(values: list[float]) -> dict[str, float] | None:
+    """Mean, p50 and p90 of per-request latencies (seconds); None for no requests."""
+    if not values:
+        return None
+    return {
+        "mean": sum(values) / len(values),
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+    }
+
+
+def distribution_summary(values: list[float]) -> dict[str, float] | None:
+    """Mean, median and p10/p25/p75/p90 of a sample (e.g. per-token TVD); None when empty."""
+    if not values:
+        return None
+    out = {"mean": sum(values) / len(values), "median": percentile(values, 50)}
+    out |= {f"p{q}": percentile(values, q) for q in (10, 25, 75, 90)}
+    return out
+
+
+def speedup(baseline_seconds: float | None, seconds: float | None) -> float | None:
+    """How many times faster ``seconds`` is than ``baseline_seconds`` (same work); None if unknown."""
+    if not baseline_seconds or not seconds or baseline_seconds <= 0 or seconds <= 0:
+        return None
+    return baseline_seconds / seconds
+
+
+def speedup_ceiling(mal: float, gamma: int, cost_ratio: float) -> float:
+    """Speed-up bound of speculative decoding: τ / (γ·c + 1).
+
+    One verification step of the target yields τ (mean accepted length) tokens and costs one
+    target step plus γ drafter steps, each ``c`` (= drafter step time / target step time) of a
+    target step. Ignores verification's extra cost over a single-token step, so it is a ceiling.
+    """
+    if gamma < 0 or cost_ratio < 0 or mal < 1:
+        raise ValueError(f"need mal >= 1, gamma >= 0, c >= 0 (got {mal}, {gamma}, {cost_ratio})")
+    return mal / (gamma * cost_ratio + 1.0)
+
+
+def tvd(p, q):
+    """Total variation distance 0.5·Σ|p − q| over the last dimension of two probability tensors.
+
+    ``p`` and ``q`` are [..., V] (torch) on the same vocabulary; computed in float32. Returns [...].
+    """
+    if p.shape != q.shape:
+        raise ValueError(f"distributions have different shapes {tuple(p.shape)} and {tuple(q.shape)}")
+    return 0.5 * (p.float() - q.float()).abs().sum(dim=-1)
+
+
+def probs_from_logits(logits, temperature: float = 1.0):
+    """softmax(logits / T) in float32; -inf logits (masked vocab rows) get probability 0."""
+    import torch
+
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 for a distribution")
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def top1_agreement(p, q):
+    """Per position, whether the two distributions' most likely tokens are the same (bool [...])."""
+    if p.shape != q.shape:
+        raise ValueError(f"distributions have different shapes {tuple(p.shape)} and {tuple(q.shape)}")
+    return p.argmax(dim=-1) == q.argmax(dim=-1)

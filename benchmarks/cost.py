@@ -1,0 +1,783 @@
+"""Cost of drafting at real model shapes, without weights: step times, c, speed-up ceiling, and the
+end-to-end speed-up at forced 100% acceptance.
+
+    python -m benchmarks.cost --preset qwen2.5-vl-7b/qwen2.5-1.5b --out runs/cost      # GPU
+    python -m benchmarks.cost --tiny --out /tmp/cost                                    # CPU smoke run
+
+The tool writes model folders of the real architectures' shapes (configs only, plus a tokenizer
+trained locally: vocab sizes come from the configs, which dummy weights do not care about) and
+starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
+
+* ``target``:  the target alone: target decode step time per batch size (and the no-spec baseline);
+* ``drafter``: the small LM alone: drafter decode step time; c = drafter step / target step;
+* ``stock``:   target + the plain small LM through vLLM's stock ``draft_model`` (per γ);
+* ``massv``:   target + the MASSV drafter (same small LM + projector) through ``"massv"`` (per γ).
+
+Every engine zeroes both models' final norms (``benchmarks.cost_ext.ZeroFinalNorms``): all greedy
+tokens become id 0, so acceptance is forced to 100% at unchanged cost, and the measured speed-up
+of ``stock``/``massv`` over ``target`` is the real ceiling of this drafter at this γ. The table
+also shows the analytical ceiling τ/(γ·c + 1) at the MALs given with ``--mal`` (2.46 and 3.20:
+text-only and MASSV on Qwen2.5-VL-7B in the paper) and at τ = γ + 1 (100% acceptance), next to the
+measured one.
+
+Per-step decode time is measured as (time(n + 1 tokens) - time(1 token)) / n for a batch of
+prompts with ``ignore_eos``: prefill and the first token cancel out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import (
+    META_SCHEMA,
+    NUM,
+    ListOf,
+    MapOf,
+    Opt,
+    check_schema,
+    fmt,
+    format_table,
+    run_metadata,
+    write_json,
+)
+from massv_vllm.metrics import SpecCounters, speedup, speedup_ceiling
+
+RESULTS_VERSION = 1
+JOBS = ("target", "drafter", "stock", "massv")
+EXTENSION = "benchmarks.cost_ext.ZeroFinalNorms"
+
+# ---- shapes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Public config values of a target VLM and its small same-family LM (weights are dummy)."""
+
+    family: str  # "qwen2_5_vl" | "gemma3"
+    target_text: dict[str, Any]
+    target_vision: dict[str, Any]
+    target_top: dict[str, Any]
+    small: dict[str, Any]  # the small LM's text config (vocab before padding to the target's)
+    processor: dict[str, Any] = field(default_factory=dict)  # kwargs of the tiny builder's processor
+    tiny: bool = False
+    dtype: str = "bfloat16"  # what the published checkpoints declare: vLLM's dtype="auto" follows it
+
+
+QWEN25_VL_7B_TEXT = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+)
+QWEN25_VL_7B_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=3584,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    window_size=112,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+)
+QWEN_PIXELS = dict(min_pixels=3136, max_pixels=12845056)
+QWEN25_1_5B = dict(
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+)
+QWEN25_0_5B = QWEN25_1_5B | dict(
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14
+)
+GEMMA3_12B_TEXT = dict(
+    hidden_size=3840,
+    intermediate_size=15360,
+    num_hidden_layers=48,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    sliding_window=1024,
+    vocab_size=262208,
+    max_position_embeddings=131072,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+    },
+)
+GEMMA3_SIGLIP = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=896,
+    patch_size=14,
+)
+GEMMA3_1B = dict(
+    hidden_size=1152,
+    intermediate_size=6912,
+    num_hidden_layers=26,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    sliding_window=512,
+    vocab_size=262144,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
+)
+
+PRESETS: dict[str, Preset] = {
+    "qwen2.5-vl-7b/qwen2.5-1.5b": Preset(
+        "qwen2_5_vl", QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION, {}, QWEN25_1_5B, QWEN_PIXELS
+    ),
+    "qwen2.5-vl-7b/qwen2.5-0.5b": Preset(
+        "qwen2_5_vl", QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION, {}, QWEN25_0_5B, QWEN_PIXELS
+    ),
+    "gemma3-12b/gemma3-1b": Preset(
+        "gemma3",
+        GEMMA3_12B_TEXT,
+        GEMMA3_SIGLIP,
+        {"mm_tokens_per_image": 256},
+        GEMMA3_1B,
+        dict(image_size=896, patch_size=14, mm_tokens_per_image=256),
+    ),
+    # CPU smoke test: the same code path at toy sizes (head_dim 32: the CPU attention minimum).
+    "tiny-qwen": Preset(
+        "qwen2_5_vl",
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1024,
+        ),
+        dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=128,
+            fullatt_block_indexes=[1],
+        ),
+        {},
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=992,
+            tie_word_embeddings=True,
+        ),
+        dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64),
+        tiny=True,
+        dtype="float32",  # vLLM's CPU backend
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ShapeSet:
+    preset: str
+    family: str
+    target: Path
+    small_lm: Path  # plain Qwen2/Gemma3 LM, vocab padded to the target's: the stock draft model
+    drafter: Path  # MASSV drafter folder: the same LM + projector (weights: sparse placeholder)
+
+
+def _tiny_dims(family: str) -> dict[str, Any]:
+    if family == "qwen2_5_vl":
+        return dict(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    return dict(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=64)
+
+
+def _override(folder: Path, top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> None:
+    """Rewrite ``folder/config.json`` with new dims; derived per-layer lists are regenerated."""
+    from transformers import AutoConfig
+
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    for name, upd in sections.items():
+        d = cfg if name == "" else cfg[name]
+        d.pop("layer_types", None)  # follows num_hidden_layers; rebuilt by the config class
+        d.update(upd)
+    cfg.update(top)
+    path.write_text(json.dumps(cfg, indent=2))
+    AutoConfig.from_pretrained(str(folder)).save_pretrained(str(folder))  # validate + normalise
+
+
+def write_shape_set(root: str | Path, preset_name: str) -> ShapeSet:
+    """Config-only target, small LM and MASSV drafter folders of ``preset_name`` under ``root``."""
+    from massv_vllm import tiny
+    from massv_vllm.checks import check_pair, expected_shapes, load_base_config, target_config_from_dir
+    from massv_vllm.config import CONFIG_KEY, MassvConfig, ProjectorConfig, TargetInfo
+    from massv_vllm.families import FAMILIES
+
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; known: {sorted(PRESETS)}")
+    pre = PRESETS[preset_name]
+    fam = FAMILIES[pre.family]
+    root = Path(root) / preset_name.replace("/", "__")
+    s = ShapeSet(preset_name, pre.family, root / "target", root / "small-lm", root / "massv-drafter")
+    if (s.drafter / "done").is_file():
+        return s
+    if root.exists():
+        shutil.rmtree(root)
+    tok = tiny.train_tokenizer(root / "tokenizer", pre.family)
+    # The tiny builders write processor, tokenizer, chat template and generation config exactly
+    # as for the real families; their configs then get the real dimensions and the weights go.
+    if pre.family == "qwen2_5_vl":
+        tiny.make_qwen2_5_vl_target(
+            s.target, tok, **_tiny_dims(pre.family), vision_hidden=32, vision_depth=1, **pre.processor
+        )
+    else:
+        tiny.make_gemma3_target(
+            s.target, tok, **_tiny_dims(pre.family), vision_hidden=32, vision_layers=1, **pre.processor
+        )
+    tiny.make_small_lm(s.small_lm, tok, pre.family, **_tiny_dims(pre.family))
+    for folder in (s.target, s.small_lm):
+        for w in folder.glob("*.safetensors"):
+            w.unlink()
+    dt = {"dtype": pre.dtype}
+    _override(
+        s.target,
+        pre.target_top | dt,
+        {"text_config": pre.target_text | dt, "vision_config": pre.target_vision},
+    )
+    tcfg = target_config_from_dir(s.target)
+    target_vocab = fam.text_vocab_size(tcfg)
+    base_vocab = int(pre.small["vocab_size"])
+    # The stock draft model must match the target's vocab (vLLM checks): padded like our drafters.
+    _override(s.small_lm, {}, {"": pre.small | dt | {"vocab_size": target_vocab}})
+    massv = MassvConfig(
+        target=TargetInfo(
+            family=fam.name,
+            architecture=fam.target_architectures[0],
+            image_token_id=fam.image_token_id(tcfg),
+            image_embed_dim=fam.image_embed_dim(tcfg),
+            vocab_size=target_vocab,
+        ),
+        base_architecture=fam.base_architecture,
+        base_vocab_size=base_vocab,
+        projector=ProjectorConfig(
+            input_dim=fam.image_embed_dim(tcfg),
+            hidden_dim=int(pre.small["hidden_size"]),
+            depth=2,
+            activation="gelu",
+        ),
+    )
+    shutil.copytree(s.small_lm, s.drafter)
+    cfg = load_base_config(s.drafter, "drafter")
+    setattr(cfg, CONFIG_KEY, massv.to_dict())
+    cfg.architectures = [fam.drafter_architecture]
+    cfg.save_pretrained(str(s.drafter))
+    write_placeholder_safetensors(s.drafter / "model.safetensors", expected_shapes(cfg, massv))
+    check_pair(s.drafter, tcfg, s.target)  # the same validation vLLM's "massv" path runs
+    (s.drafter / "done").write_text("ok\n")
+    return s
+
+
+def write_placeholder_safetensors(
+    path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16"
+) -> Path:
+    """A valid safetensors file of zeros with these tensor shapes, written as a sparse file.
+
+    The drafter checks (``check_drafter``) read tensor names and shapes from the header; with
+    ``load_format="dummy"`` vLLM never reads the data, and a sparse file costs no disk or time even
+    at 1.5B parameters.
+    """
+    import struct
+
+    itemsize = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "note": "massv-vllm cost placeholder"}}
+    offset = 0
+    for name in sorted(shapes):
+        n = 1
+        for d in shapes[name]:
+            n *= d
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shapes[name]),
+            "data_offsets": [offset, offset + n * itemsize],
+        }
+        offset += n * itemsize
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        f.truncate(8 + len(raw) + offset)  # zero-filled, sparse on every common filesystem
+    return path
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+
+def _prompts(
+    target: Path, n: int, prompt_len: int, image_size: tuple[int, int] | None, seed: int = 0
+) -> list[Any]:
+    """``n`` distinct prompts: random text tokens (and one synthetic image each, if asked)."""
+    import random
+
+    from transformers import AutoProcessor
+
+    from massv_vllm.tiny import synthetic_image
+
+    proc = AutoProcessor.from_pretrained(str(target))
+    tok = proc.tokenizer
+    special = set(tok.all_special_ids)
+    pool = [i for i in range(len(tok)) if i not in special]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if image_size is None:
+            out.append({"prompt_token_ids": [rng.choice(pool) for _ in range(prompt_len)]})
+            continue
+        words = tok.decode([rng.choice(pool) for _ in range(prompt_len)])
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
+        text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        out.append(
+            {"prompt": text, "multi_modal_data": {"image": synthetic_image(seed * 1000 + i, image_size)}}
+        )
+    return out
+
+
+def _timed(llm: Any, prompts: list[Any], max_tokens: int) -> tuple[float, list[Any]]:
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    return time.perf_counter() - t0, outs
+
+
+def measure(
+    llm: Any, prompts: list[Any], batch_sizes: list[int], steps: int, repeats: int
+) -> list[dict[str, Any]]:
+    """Per batch size: prefill time, decode time per output token (TPOT), MAL and token check."""
+    rows = []
+    for b in batch_sizes:
+        batch = prompts[:b]
+        _timed(llm, batch, steps + 1)  # warm-up at this batch size (graphs, allocator)
+        t1s, tns = [], []
+        before = SpecCounters.from_llm(llm)
+        zero = True
+        for _ in range(repeats):
+            t1, _ = _timed(llm, batch, 1)
+            tn, outs = _timed(llm, batch, steps + 1)
+            t1s.append(t1)
+            tns.append(tn)
+            zero = zero and all(t == 0 for o in outs for t in o.outputs[0].token_ids)
+        delta = SpecCounters.from_llm(llm) - before
+        t1, tn = statistics.median(t1s), statistics.median(tns)
+        rows.append(
+            {
+                "batch_size": b,
+                "prefill_s": t1,
+                "tpot_ms": max(tn - t1, 0.0) / steps * 1e3,
+                "mal": delta.mean_accepted_length,
+                "all_tokens_zero": zero,
+            }
+        )
+    return rows
+
+
+def run_job(
+    model: Path,
+    spec: dict[str, Any] | None,
+    prompts: list[Any],
+    batch_sizes: list[int],
+    steps: int,
+    repeats: int,
+    engine_kw: dict[str, Any],
+) -> dict[str, Any]:
+    from massv_vllm.engine import make_llm, shutdown
+
+    t0 = time.perf_counter()
+    llm = make_llm(str(model), spec, **engine_kw)
+    startup = time.perf_counter() - t0
+    try:
+        zeroed = llm.collective_rpc("massv_zero_final_norms")[0]
+        if not zeroed.get("target") or (spec is not None and not zeroed.get("drafter")):
+            raise RuntimeError(
+                f"could not find the final norms to zero (found {zeroed}); acceptance is not forced"
+            )
+        rows = measure(llm, prompts, batch_sizes, steps, repeats)
+    finally:
+        shutdown(llm)
+    return {"startup_s": startup, "zeroed": zeroed, "rows": rows}
+
+
+# ---- the whole run --------------------------------------------------------------------------------
+
+
+def engine_settings(
+    family: str,
+    batch_sizes: list[int],
+    gammas: list[int],
+    steps: int,
+    prompt_len: int,
+    image_size: tuple[int, int] | None,
+    compile_backend: str,
+    overrides: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Engine arguments shared by every job, so timings compare like with like."""
+    from massv_vllm.engine import on_gpu
+
+    image_tokens = image_size[0] * image_size[1] // 784 + 16 if image_size else 0  # ~ Qwen's 28x28 per token
+    kw: dict[str, Any] = dict(
+        load_format="dummy",
+        worker_extension_cls=EXTENSION,
+        max_model_len=max(1024, prompt_len + image_tokens + steps + 128),
+        max_num_seqs=max(batch_sizes),
+        enable_prefix_caching=False,  # every repeat pays the same prefill
+        max_images=1,
+    )
+    if family == "gemma3":
+        # One KV-cache group for the drafter's sliding + full layers; the same on every engine.
+        kw["disable_hybrid_kv_cache_manager"] = True
+    if on_gpu() and not (overrides or {}).get("enforce_eager"):
+        # Capture CUDA graphs only for the decode shapes measured (B tokens without speculation,
+        # B·(γ+1) with it): the same list for every engine, and a much shorter start than vLLM's
+        # ~40 default sizes. vLLM rounds them to multiples of γ+1 in speculative engines.
+        sizes = sorted({b for b in batch_sizes} | {b * (g + 1) for b in batch_sizes for g in gammas})
+        cc: dict[str, Any] = {"cudagraph_capture_sizes": sizes}
+        if compile_backend != "inductor":
+            cc["backend"] = compile_backend
+        kw["compilation_config"] = cc
+    return kw | dict(overrides or {})
+
+
+def run_cost(
+    out_dir: str | Path,
+    *,
+    preset: str = "qwen2.5-vl-7b/qwen2.5-1.5b",
+    jobs: list[str] | tuple[str, ...] = JOBS,
+    gammas: list[int] | tuple[int, ...] = (5,),
+    batch_sizes: list[int] | tuple[int, ...] = (1, 8, 32),
+    steps: int = 64,
+    repeats: int = 3,
+    prompt_len: int = 64,
+    image_size: tuple[int, int] | None = (448, 448),
+    mals: list[float] | tuple[float, ...] = (2.46, 3.20),
+    compile_backend: str = "inductor",
+    engine_kw: dict[str, Any] | None = None,
+    models_dir: str | Path | None = None,
+    fresh: bool = False,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Write the shape set, run the chosen jobs, write cost.json and return it.
+
+    Each finished engine job is saved in ``out_dir/jobs/``; a later call with the same settings
+    reuses it and the report covers every finished job, so the jobs can be split over several
+    commands (e.g. ``--jobs target drafter``, then ``--jobs stock massv``) with one final table.
+    """
+    from massv_vllm.engine import massv_spec, on_gpu
+
+    unknown = sorted(set(jobs) - set(JOBS))
+    if unknown or not jobs:
+        raise ValueError(f"jobs must be among {JOBS}, got {list(jobs)}")
+    if any(g < 1 for g in gammas) or any(b < 1 for b in batch_sizes) or steps < 1 or repeats < 1:
+        raise ValueError("gammas, batch sizes, steps and repeats must be >= 1")
+    if compile_backend not in ("inductor", "eager"):
+        raise ValueError("compile_backend must be 'inductor' (vLLM's default) or 'eager' (no Inductor)")
+    out = Path(out_dir)
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    shapes = write_shape_set(models_dir or out / "models", preset)
+    batch_sizes = sorted(set(batch_sizes))
+    gammas = sorted(set(gammas))
+    kw = engine_settings(
+        shapes.family, batch_sizes, gammas, steps, prompt_len, image_size, compile_backend, engine_kw
+    )
+    settings = {
+        "preset": preset,
+        "gammas": gammas,
+        "batch_sizes": batch_sizes,
+        "steps": steps,
+        "repeats": repeats,
+        "prompt_len": prompt_len,
+        "image_size": list(image_size) if image_size else None,
+        "compile_backend": compile_backend,
+        "engine_kw": kw,
+        "gpu": on_gpu(),
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    prompts = _prompts(shapes.target, max(batch_sizes), prompt_len, image_size)
+    plan: list[tuple[str, Path, dict[str, Any] | None]] = []
+    if "target" in jobs:
+        plan.append(("target", shapes.target, None))
+    if "drafter" in jobs:
+        plan.append(("drafter", shapes.small_lm, None))
+    for g in gammas:
+        if "stock" in jobs:
+            spec = {"method": "draft_model", "model": str(shapes.small_lm), "num_speculative_tokens": g}
+            plan.append((f"stock-g{g}", shapes.target, spec))
+        if "massv" in jobs:
+            plan.append((f"massv-g{g}", shapes.target, massv_spec(str(shapes.drafter), g)))
+    for name, model, spec in plan:
+        path = out / "jobs" / f"{name}.json"
+        if not fresh and path.is_file() and json.loads(path.read_text()).get("key") == key:
+            print(f"[cost] {name}: reusing {path}", file=sys.stderr, flush=True)
+            continue
+        print(f"[cost] {name} ...", file=sys.stderr, flush=True)
+        # The small LM alone gets text prompts as long as the target's (image placeholders included).
+        job_prompts = (
+            _prompts(shapes.target, max(batch_sizes), prompt_len, None) if name == "drafter" else prompts
+        )
+        res = run_job(model, spec, job_prompts, batch_sizes, steps, repeats, kw)
+        write_json(path, {"key": key, "name": name, **res})  # checkpoint per engine
+    results = {}
+    for path in sorted((out / "jobs").glob("*.json")):
+        res = json.loads(path.read_text())
+        if res.get("key") == key:
+            results[res["name"]] = res
+    found_gammas = sorted({int(n.partition("-g")[2]) for n in results if "-g" in n})
+    doc = {
+        "version": RESULTS_VERSION,
+        "meta": run_metadata({**settings, "jobs_run": [p[0] for p in plan], "mals": list(mals)}, argv),
+        "preset": preset,
+        "folders": {
+            "target": str(shapes.target),
+            "small_lm": str(shapes.small_lm),
+            "drafter": str(shapes.drafter),
+        },
+        "engines": {k: {"startup_s": v["startup_s"], "zeroed": v["zeroed"]} for k, v in results.items()},
+        **summarise(results, batch_sizes, found_gammas, list(mals)),
+    }
+    problems = check_schema(doc, SCHEMA)
+    if problems:
+        raise AssertionError("cost.json does not match its schema:\n" + "\n".join(problems))
+    write_json(out / "cost.json", doc)
+    return doc
+
+
+def summarise(
+    results: dict[str, Any], batch_sizes: list[int], gammas: list[int], mals: list[float]
+) -> dict[str, Any]:
+    """Step times, c, analytical ceilings and measured end-to-end speed-ups from the job rows."""
+    rows = {name: {r["batch_size"]: r for r in res["rows"]} for name, res in results.items()}
+
+    def tpot(name: str, b: int) -> float | None:
+        return rows.get(name, {}).get(b, {}).get("tpot_ms")
+
+    step_ms = {k: {str(b): tpot(k, b) for b in batch_sizes} for k in ("target", "drafter") if k in rows}
+    c = {}
+    for b in batch_sizes:
+        t, d = tpot("target", b), tpot("drafter", b)
+        c[str(b)] = d / t if t and d else None
+    ceiling = []
+    for b in batch_sizes:
+        for g in gammas:
+            for tau in [*(m for m in mals if m <= g + 1), float(g + 1)]:  # τ can't exceed γ + 1
+                cb = c[str(b)]
+                ceiling.append(
+                    {
+                        "batch_size": b,
+                        "gamma": g,
+                        "mal": tau,
+                        "speedup": None if cb is None else speedup_ceiling(tau, g, cb),
+                    }
+                )
+    e2e = []
+    for name in rows:
+        if name == "drafter":
+            continue
+        mode, _, g = name.partition("-g")
+        gamma = int(g) if g else None
+        for b in batch_sizes:
+            r = rows[name][b]
+            cb = c.get(str(b))
+            e2e.append(
+                {
+                    "mode": "none" if mode == "target" else mode,
+                    "gamma": gamma,
+                    "batch_size": b,
+                    "tpot_ms": r["tpot_ms"],
+                    "prefill_s": r["prefill_s"],
+                    "mal": r["mal"],
+                    "all_tokens_zero": r["all_tokens_zero"],
+                    "speedup_vs_none": speedup(tpot("target", b), r["tpot_ms"]),
+                    "predicted_full_acceptance": None
+                    if gamma is None or cb is None
+                    else speedup_ceiling(gamma + 1, gamma, cb),
+                }
+            )
+    overhead = []
+    for g in gammas:
+        for b in batch_sizes:
+            s, m = tpot(f"stock-g{g}", b), tpot(f"massv-g{g}", b)
+            if s and m:
+                overhead.append({"gamma": g, "batch_size": b, "massv_over_stock_tpot": m / s})
+    return {"step_ms": step_ms, "cost_ratio": c, "ceiling": ceiling, "e2e": e2e, "massv_overhead": overhead}
+
+
+SCHEMA = {
+    "version": int,
+    "meta": META_SCHEMA,
+    "preset": str,
+    "folders": {"target": str, "small_lm": str, "drafter": str},
+    "engines": MapOf({"startup_s": NUM, "zeroed": MapOf(ListOf(str))}),
+    "step_ms": MapOf(MapOf(Opt(NUM))),
+    "cost_ratio": MapOf(Opt(NUM)),
+    "ceiling": ListOf({"batch_size": int, "gamma": int, "mal": NUM, "speedup": Opt(NUM)}),
+    "e2e": ListOf(
+        {
+            "mode": str,
+            "gamma": Opt(int),
+            "batch_size": int,
+            "tpot_ms": NUM,
+            "prefill_s": NUM,
+            "mal": Opt(NUM),
+            "all_tokens_zero": bool,
+            "speedup_vs_none": Opt(NUM),
+            "predicted_full_acceptance": Opt(NUM),
+        }
+    ),
+    "massv_overhead": ListOf({"gamma": int, "batch_size": int, "massv_over_stock_tpot": NUM}),
+}
+
+
+def format_report(doc: dict[str, Any]) -> str:
+    bs = [int(b) for b in doc["cost_ratio"]]
+    out = []
+    rows = [[k, *[fmt(v.get(str(b)), 3) for b in bs]] for k, v in doc["step_ms"].items()]
+    rows.append(["c = drafter/target", *[fmt(doc["cost_ratio"][str(b)], 3) for b in bs]])
+    out.append(
+        format_table(
+            ["decode step (ms)", *[f"B={b}" for b in bs]], rows, f"{doc['preset']}: per-step decode time"
+        )
+    )
+    ceil: dict[tuple[int, float], dict[int, Any]] = {}
+    for r in doc["ceiling"]:
+        ceil.setdefault((r["gamma"], r["mal"]), {})[r["batch_size"]] = r["speedup"]
+    rows = [[f"γ={g}, MAL {tau:.2f}", *[fmt(v.get(b)) for b in bs]] for (g, tau), v in ceil.items()]
+    out.append(format_table(["predicted τ/(γc+1)", *[f"B={b}" for b in bs]], rows, "speed-up ceiling from c"))
+    rows = []
+    for r in doc["e2e"]:
+        label = r["mode"] if r["gamma"] is None else f"{r['mode']} γ={r['gamma']}"
+        rows.append(
+            [
+                label,
+                r["batch_size"],
+                fmt(r["tpot_ms"], 3),
+                fmt(r["mal"]),
+                "yes" if r["all_tokens_zero"] else "NO",
+                fmt(r["speedup_vs_none"]),
+                fmt(r["predicted_full_acceptance"]),
+            ]
+        )
+    out.append(
+        format_table(
+            ["engine", "B", "TPOT ms", "MAL", "tokens=0", "speed-up", "predicted"],
+            rows,
+            "end to end at forced 100% acceptance (speed-up over no speculation, same engine settings)",
+        )
+    )
+    if doc["massv_overhead"]:
+        rows = [
+            [f"γ={r['gamma']}", r["batch_size"], fmt(r["massv_over_stock_tpot"], 3)]
+            for r in doc["massv_overhead"]
+        ]
+        out.append(
+            format_table(
+                ["", "B", "TPOT massv / stock"], rows, "MASSV drafter overhead over the plain draft model"
+            )
+        )
+    return "\n\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from benchmarks.acceptance import parse_engine_args
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-vl-7b/qwen2.5-1.5b")
+    p.add_argument(
+        "--tiny", action="store_true", help="CPU smoke run: tiny-qwen, few steps, batch 1 and 2, γ=2"
+    )
+    p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS))
+    p.add_argument("--gammas", type=int, nargs="+", default=None, help="γ per stock/massv engine (default 5)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 8 32")
+    p.add_argument("--steps", type=int, default=None, help="decode tokens timed per measurement (default 64)")
+    p.add_argument("--repeats", type=int, default=None, help="median of this many measurements (default 3)")
+    p.add_argument("--prompt-len", type=int, default=64, help="random text tokens per prompt")
+    p.add_argument("--image-size", default="448x448", help="WxH of one synthetic image per prompt, or 'none'")
+    p.add_argument(
+        "--mal", type=float, nargs="+", default=[2.46, 3.20], help="MALs for the predicted speed-up"
+    )
+    p.add_argument(
+        "--compile-backend",
+        choices=("inductor", "eager"),
+        default="inductor",
+        help="torch.compile backend (CUDA graphs either way); 'eager' skips Inductor: faster start",
+    )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="enforce_eager: no compile, no CUDA graphs (not for final numbers)",
+    )
+    p.add_argument("--fresh", action="store_true", help="rerun jobs even if finished results exist")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--models-dir", default=None, help="where to write the config-only folders (default OUT/models)"
+    )
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    tiny = a.tiny
+    image = None if a.image_size == "none" else tuple(int(x) for x in a.image_size.lower().split("x"))
+    if image is not None and len(image) != 2:
+        p.error("--image-size must be WxH or 'none'")
+    kw = parse_engine_args(a.engine_arg)
+    if a.eager:
+        kw["enforce_eager"] = True
+    doc = run_cost(
+        a.out,
+        preset="tiny-qwen" if tiny else a.preset,
+        jobs=a.jobs,
+        gammas=a.gammas or ([2] if tiny else [5]),
+        batch_sizes=a.batch_sizes or ([1, 2] if tiny else [1, 8, 32]),
+        steps=a.steps or (4 if tiny else 64),
+        repeats=a.repeats or (1 if tiny else 3),
+        prompt_len=a.prompt_len if not tiny else min(a.prompt_len, 16),
+        image_size=(image and (112, 112)) if tiny else image,
+        mals=a.mal,
+        compile_backend=a.compile_backend,
+        engine_kw=kw,
+        fresh=a.fresh,
+        models_dir=a.models_dir,
+        argv=["-m", "benchmarks.cost", *(sys.argv[1:] if argv is None else argv)],
+    )
+    print(format_report(doc))
+    print(f"\nwrote {Path(a.out) / 'cost.json'}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""benchmarks.cost: real-shape folders, placeholder weights, forced acceptance and the summary maths.
+
+Only the last test starts an engine (tiny shapes on CPU, one MASSV engine); it is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from benchmarks.cost import SCHEMA, format_report, summarise, write_placeholder_safetensors, write_shape_set
+from benchmarks.cost_ext import zero_final_norms
+from benchmarks.report import check_schema
+from massv_vllm.checks import check_pair, target_config_from_dir
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("shapes")
+
+
+def _params(folder) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+@pytest.mark.parametrize(
+    "preset, text, small, params_b",
+    [
+        # hidden, layers, heads, kv heads, intermediate, vocab
+        ("qwen2.5-vl-7b/qwen2.5-1.5b", (3584, 28, 28, 4, 18944, 152064), (1536, 28, 12, 2, 8960), 1.55),
+        ("qwen2.5-vl-7b/qwen2.5-0.5b", (3584, 28, 28, 4, 18944, 152064), (896, 24, 14, 2, 4864), 0.50),
+        ("gemma3-12b/gemma3-1b", (3840, 48, 16, 8, 15360, 262208), (1152, 26, 4, 1, 6912), 1.01),
+    ],
+)
+def test_real_shape_folders(shapes_root, preset, text, small, params_b):
+    s = write_shape_set(shapes_root, preset)
+    tcfg = target_config_from_dir(s.target)
+    t = tcfg.get_text_config()
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == text[:4]
+    assert (t.intermediate_size, t.vocab_size) == text[4:]
+    assert tcfg.dtype == torch.bfloat16 or str(getattr(tcfg, "dtype", "")) in ("bfloat16", "torch.bfloat16")
+    assert not list(s.target.glob("*.safetensors"))  # no weights: vLLM's dummy loader makes them
+    info = check_pair(s.drafter, tcfg, s.target)  # what the "massv" path validates at engine start
+    b = info.base_config
+    assert (b.hidden_size, b.num_hidden_layers, b.num_attention_heads, b.num_key_value_heads) == small[:4]
+    assert b.intermediate_size == small[4] and b.vocab_size == t.vocab_size  # padded to the target's
+    proj = info.massv.projector
+    assert proj.input_dim == (3584 if "qwen" in preset else 3840) and proj.hidden_dim == small[0]
+    shapes = _params(s.drafter)
+    n = sum(int(torch.tensor(v).prod()) for v in shapes.values())
+    assert n / 1e9 == pytest.approx(params_b, rel=0.03)
+    assert s.drafter.joinpath("model.safetensors").stat().st_size == _data_end(
+        s.drafter / "model.safetensors"
+    )
+    small_cfg = json.loads((s.small_lm / "config.json").read_text())
+    assert small_cfg["architectures"][0] in ("Qwen2ForCausalLM", "Gemma3ForCausalLM")
+    assert small_cfg["vocab_size"] == t.vocab_size and "massv" not in small_cfg
+    assert write_shape_set(shapes_root, preset) == s  # reused, not rebuilt
+
+
+def _data_end(path) -> int:
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return 8 + n + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+
+
+def test_vllm_accepts_the_real_shape_engine_configs(shapes_root):
+    """The configs the GPU run uses pass vLLM's own validation (speculative config, drafter checks)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from massv_vllm.engine import engine_kwargs, massv_spec
+
+    for preset in ("qwen2.5-vl-7b/qwen2.5-1.5b", "gemma3-12b/gemma3-1b"):
+        s = write_shape_set(shapes_root, preset)
+        extra = {"disable_hybrid_kv_cache_manager": True} if s.family == "gemma3" else {}
+        for spec in (
+            massv_spec(str(s.drafter), 5),
+            {"method": "draft_model", "model": str(s.small_lm), "num_speculative_tokens": 5},
+        ):
+            kw = engine_kwargs(
+                str(s.target), spec, load_format="dummy", max_model_len=1024, max_images=1, **extra
+            )
+            cfg = EngineArgs(**kw).create_engine_config()
+            assert cfg.speculative_config.method == "draft_model"  # "massv" resolved to vLLM's method
+            assert cfg.model_config.dtype == torch.bfloat16
+            assert cfg.speculative_config.draft_model_config.hf_config.vocab_size == (
+                cfg.model_config.hf_config.get_text_config().vocab_size
+            )
+
+
+def test_placeholder_safetensors_roundtrip(tmp_path):
+    shapes = {"b": (3,), "a.weight": (2, 5), "c": (1, 1, 7)}
+    p = write_placeholder_safetensors(tmp_path / "w.safetensors", shapes)
+    with safe_open(str(p), "pt") as f:
+        assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == shapes  # noqa: SIM118
+        for k in shapes:
+            t = f.get_tensor(k)
+            assert t.dtype == torch.bfloat16 and t.shape == shapes[k] and not t.any()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_zeroed_final_norms_force_token_zero(family, tiny_qwen, tiny_gemma):
+    """All logits become 0 (greedy picks id 0) in target and drafter alike; vision is untouched."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    tiny = tiny_qwen if family == "qwen2_5_vl" else tiny_gemma
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny.small_lm)).eval()
+    ids = torch.tensor([[5, 17, 33, 2, 9]])
+    with torch.no_grad():
+        assert lm(ids).logits.abs().max() > 0
+        names = zero_final_norms(lm)
+        logits = lm(ids).logits
+    assert names == [f"model.norm ({type(lm.model.norm).__name__})"]
+    assert logits.abs().max() == 0 and (logits.argmax(-1) == 0).all()
+    vlm = AutoModelForImageTextToText.from_pretrained(str(tiny.target)).eval()
+    before = {k: v.clone() for k, v in vlm.state_dict().items()}
+    names = zero_final_norms(vlm)
+    assert len(names) == 1 and "language_model" in names[0]
+    changed = [k for k, v in vlm.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) == 1 and changed[0].endswith("language_model.norm.weight")
+
+
+def _job(rows, startup=1.0):
+    return {"startup_s": startup, "zeroed": {"target": ["x"]}, "rows": rows}
+
+
+def _row(b, tpot, mal=None):
+    return {"batch_size": b, "prefill_s": 0.01, "tpot_ms": tpot, "mal": mal, "all_tokens_zero": True}
+
+
+def test_summary_maths():
+    results = {
+        "target": _job([_row(1, 10.0), _row(8, 12.0)]),
+        "drafter": _job([_row(1, 1.0), _row(8, 3.0)]),
+        "stock-g5": _job([_row(1, 2.0, 6.0), _row(8, 3.0, 6.0)]),
+        "massv-g5": _job([_row(1, 2.2, 6.0), _row(8, 3.0, 6.0)]),
+    }
+    s = summarise(results, [1, 8], [5], [2.46, 3.2, 7.0])
+    assert s["cost_ratio"] == pytest.approx({"1": 0.1, "8": 0.25})
+    ceil = {(r["batch_size"], r["mal"]): r["speedup"] for r in s["ceiling"]}
+    assert ceil[(1, 2.46)] == pytest.approx(2.46 / 1.5) and ceil[(8, 3.2)] == pytest.approx(3.2 / 2.25)
+    assert ceil[(1, 6.0)] == pytest.approx(6.0 / 1.5)  # 100% acceptance always listed
+    assert (1, 7.0) not in ceil  # a MAL above γ+1 is impossible at γ=5
+    e2e = {(r["mode"], r["batch_size"]): r for r in s["e2e"]}
+    assert e2e[("stock", 1)]["speedup_vs_none"] == pytest.approx(5.0)
+    assert e2e[("stock", 1)]["predicted_full_acceptance"] == pytest.approx(4.0)
+    assert e2e[("none", 8)]["speedup_vs_none"] == pytest.approx(1.0) and e2e[("none", 8)]["gamma"] is None
+    ov = {(r["gamma"], r["batch_size"]): r["massv_over_stock_tpot"] for r in s["massv_overhead"]}
+    assert ov == pytest.approx({(5, 1): 1.1, (5, 8): 1.0})
+    doc = {"preset": "p", **s}
+    text = format_report(doc)
+    assert "c = drafter/target" in text and "massv γ=5" in text
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
+    """On vLLM (CPU): zeroed norms make every draft token accepted, MAL = γ + 1 exactly."""
+    from benchmarks import cost
+
+    doc = cost.main(["--tiny", "--jobs", "massv", "--out", str(tmp_path)])
+    assert check_schema(doc, SCHEMA) == []
+    assert json.loads((tmp_path / "cost.json").read_text()) == doc
+    eng = doc["engines"]["massv-g2"]
+    assert eng["zeroed"]["target"] and eng["zeroed"]["drafter"]
+    rows = [r for r in doc["e2e"] if r["mode"] == "massv"]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["gamma"] == 2 and r["mal"] == pytest.approx(3.0) and r["all_tokens_zero"]
+        assert r["tpot_ms"] >= 0 and r["speedup_vs_none"] is None  # no target job in this run
+    # rerun: the finished job is reused, no engine
+    monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("finished job rerun"))
+    again = cost.main(["--tiny", "--jobs", "massv", "--out", str(tmp_path)])
+    assert again["e2e"] == doc["e2e"]

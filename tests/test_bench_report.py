@@ -1,0 +1,197 @@
+"""Report writers (JSON, schema check, tables, PNG plots) and eval-set loading of the benchmarks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from benchmarks.acceptance import UNLABELLED, load_eval_set, parse_engine_args, parse_modes
+from benchmarks.report import (
+    META_SCHEMA,
+    NUM,
+    ListOf,
+    MapOf,
+    Opt,
+    bar_panels,
+    check_schema,
+    format_table,
+    histograms,
+    line_panels,
+    run_metadata,
+    write_json,
+)
+from massv_vllm.data.records import DataError, ReadStats
+from massv_vllm.tiny import synthetic_image
+
+
+def _assert_png(path):
+    assert path.is_file() and path.stat().st_size > 1000
+    with Image.open(path) as im:
+        im.verify()  # raises on a truncated or corrupt file
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 100 and im.height > 100
+
+
+def test_schema_checker_reports_every_problem():
+    schema = {"a": int, "b": Opt(str), "c": ListOf({"x": NUM}), "d": MapOf(bool)}
+    assert check_schema({"a": 1, "b": None, "c": [{"x": 1.5}, {"x": 2}], "d": {"k": True}}, schema) == []
+    problems = check_schema({"a": True, "b": 3, "c": [{"y": 1}], "d": {"k": 1}}, schema)
+    assert problems == [
+        "$.a: expected int, got bool",  # bools are not ints in a schema
+        "$.b: expected str, got int",
+        "$.c[0]: missing key 'x'",
+        "$.d.k: expected bool, got int",
+    ]
+    assert check_schema([], schema) == ["$: expected an object, got list"]
+
+
+def test_write_json_is_atomic_and_strict(tmp_path):
+    p = write_json(tmp_path / "sub" / "r.json", {"x": float("nan"), "p": tmp_path, "t": (1, 2)})
+    assert json.loads(p.read_text()) == {"x": None, "p": str(tmp_path), "t": [1, 2]}
+    assert not list(tmp_path.glob("sub/*.tmp"))
+
+
+def test_run_metadata_matches_its_schema():
+    meta = run_metadata({"gamma": 5, "path": tmp_path_like()}, argv=["-m", "benchmarks.x", "--a", "b c"])
+    assert check_schema(meta, META_SCHEMA) == []
+    assert meta["command"].endswith("-m benchmarks.x --a 'b c'")
+    assert meta["settings"] == {"gamma": 5, "path": "/x/y"}
+    assert meta["host"]["gpu"] == [] or all(isinstance(g, str) for g in meta["host"]["gpu"])
+    assert "torch" in meta["versions"]
+
+
+def tmp_path_like():
+    from pathlib import Path
+
+    return Path("/x/y")
+
+
+def test_format_table_aligns_columns():
+    t = format_table(["mode", "MAL", "tok/s"], [["none", None, 10.0], ["massv", 2.456, 123.4]], "title")
+    lines = t.splitlines()
+    assert lines[0] == "title"
+    assert lines[1].split() == ["mode", "MAL", "tok/s"]
+    assert lines[3].split() == ["none", "-", "10.00"]
+    assert lines[4].split() == ["massv", "2.46", "123.40"]
+    assert len({len(x) for x in lines[1:]}) == 1  # fixed width
+
+
+def test_plots_are_valid_pngs(tmp_path):
+    _assert_png(
+        bar_panels(
+            tmp_path / "bars.png",
+            {
+                "T=0": (["vqa", "all"], {"text": [1.5, None], "massv": [2.0, 2.1]}),
+                "T=1": (["vqa", "all"], {}),
+            },
+            "MAL",
+            hline=1.0,
+        )
+    )
+    _assert_png(
+        line_panels(tmp_path / "lines.png", {"T=0": {"massv": ([1, 2, 3], [0.8, 0.5, 0.2])}}, "pos", "p")
+    )
+    _assert_png(
+        histograms(tmp_path / "hist.png", {"a": [0.1, 0.2, 0.2], "b": [0.7, 0.9], "empty": []}, bins=10)
+    )
+
+
+def _write_eval(tmp_path, n_per_task=3):
+    recs = []
+    for i in range(2 * n_per_task):
+        synthetic_image(i, (64, 48)).save(tmp_path / f"img{i}.png")
+        task = "vqa" if i % 2 else "captioning"
+        recs.append(
+            {
+                "id": f"r{i}",
+                "image": f"img{i}.png",
+                "task": task,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is shown?"},
+                    {"from": "gpt", "value": "Shapes."},
+                ],
+            }
+        )
+    recs.append({"id": "nt", "conversations": [{"from": "human", "value": "Hello"}]})  # text only, no task
+    recs.append(
+        {
+            "id": "broken",
+            "image": "missing.png",
+            "task": "vqa",
+            "conversations": [{"from": "human", "value": "x"}],
+        }
+    )
+    recs.append({"id": "r0", "task": "vqa", "conversations": [{"from": "human", "value": "dup"}]})
+    recs.append({"id": "bad", "conversations": "nope"})
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def test_eval_set_groups_by_task_limits_and_skips(tmp_path):
+    path = _write_eval(tmp_path)
+    stats = ReadStats()
+    tasks = load_eval_set(path, stats=stats)
+    assert list(tasks) == ["captioning", UNLABELLED, "vqa"]
+    assert [it.record.id for it in tasks["captioning"]] == ["r0", "r2", "r4"]
+    assert [it.record.id for it in tasks["vqa"]] == ["r1", "r3", "r5"]
+    assert tasks[UNLABELLED][0].images == []
+    assert tasks["vqa"][0].images[0].size == (64, 48)
+    assert stats.skipped == {"unreadable image": 1, "duplicate id": 1, "malformed": 1}
+    assert stats.kept == 7 and stats.seen == 10
+    limited = load_eval_set(path, limit=2, tasks=["vqa"])
+    assert list(limited) == ["vqa"] and [it.record.id for it in limited["vqa"]] == ["r1", "r3"]
+    with pytest.raises(DataError, match="no usable eval records with tasks"):
+        load_eval_set(path, tasks=["ocr"])
+
+
+def test_mode_and_engine_arg_parsing(tiny_qwen, tmp_path):
+    modes = parse_modes(["none", f"text={tiny_qwen.text_drafter}", f"massv={tiny_qwen.drafter}"])
+    assert [(m.name, m.kind) for m in modes] == [("none", "none"), ("text", "text-only"), ("massv", "massv")]
+    with pytest.raises(ValueError, match="NAME=DRAFTER_FOLDER"):
+        parse_modes(["massv"])
+    with pytest.raises(ValueError, match="unique"):
+        parse_modes([f"a={tiny_qwen.drafter}", f"a={tiny_qwen.drafter}"])
+    with pytest.raises(ValueError, match="(?s)mode 'lm'.*no 'massv' section"):
+        parse_modes([f"lm={tiny_qwen.small_lm}"])
+    assert parse_engine_args(["max_model_len=1024", "dtype=bfloat16", 'compilation_config={"a": [1]}']) == {
+        "max_model_len": 1024,
+        "dtype": "bfloat16",
+        "compilation_config": {"a": [1]},
+    }
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_engine_args(["oops"])
+
+
+def test_eval_set_from_a_datasets_folder(tmp_path):
+    import datasets
+
+    imgs = [synthetic_image(i, (40, 30)) for i in range(3)]
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": imgs,
+            "question": ["What?", "Which?", "How many?"],
+            "answer": ["A.", "B.", "C."],
+            "kind": ["vqa", "vqa", "counting"],
+            "qid": ["a", "b", "c"],
+        },
+        features=datasets.Features(
+            {k: datasets.Value("string") for k in ("question", "answer", "kind", "qid")}
+            | {"image": datasets.Image()}
+        ),
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    tasks = load_eval_set(
+        tmp_path / "ds",
+        prompt_column="question",
+        response_column="answer",
+        task_column="kind",
+        id_column="qid",
+    )
+    assert {k: [it.record.id for it in v] for k, v in tasks.items()} == {"counting": ["c"], "vqa": ["a", "b"]}
+    it = tasks["vqa"][1]
+    assert (
+        it.record.prompt == "<image>\nWhich?" and it.record.response == "B." and it.images[0].size == (40, 30)
+    )

@@ -57,8 +57,9 @@ def _suite():
 def test_lossless_features_and_image_use(tiny, aware, dtype):
     drafter, tokens = aware
     suite = _suite()
-    # float32 runs with CUDA graphs + torch.compile (the production path); bf16 eager saves start-up.
-    eager = dtype == "bfloat16"
+    # Qwen float32 runs with CUDA graphs + torch.compile (the production path); the rest eager
+    # to save start-up time on the GPU machine.
+    eager = dtype == "bfloat16" or tiny.family == "gemma3"
     ref = make_llm(str(tiny.target), None, dtype=dtype, enforce_eager=eager, **KW)
     reference = greedy(ref, suite, max_tokens=24, logprobs=2)
     shutdown(ref)
@@ -69,7 +70,9 @@ def test_lossless_features_and_image_use(tiny, aware, dtype):
         before = SpecCounters.from_llm(llm)
         outs = greedy(llm, suite, max_tokens=24)
         delta = SpecCounters.from_llm(llm) - before
-        assert sum(o.prompt_len > KW["max_num_batched_tokens"] for o in outs) >= 3  # chunked prefills
+        assert (
+            sum(o.prompt_len > KW["max_num_batched_tokens"] for o in outs) >= N_PROMPTS // 8
+        )  # chunked prefills
         found = divergences(reference, outs)
         print(
             f"\n[{tiny.family} {dtype}] {len(outs)} prompts, {len(found)} divergences, MAL {delta.mean_accepted_length:.3f}, "

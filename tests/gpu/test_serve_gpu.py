@@ -24,16 +24,39 @@ def server(tmp_path_factory):
     spec = {"method": "massv", "model": str(tiny.drafter), "num_speculative_tokens": 5}
     port = free_port()
     # The real CLI where it exists (GPU machine); the CPU wheel's metadata breaks `vllm` there.
-    cli = [shutil.which("vllm"), "serve"] if shutil.which("vllm") and not ON_CPU else [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
-    argv = [*cli, str(tiny.target), "--speculative-config", json.dumps(spec), "--port", str(port),
-            "--host", "127.0.0.1", "--max-model-len", "2048", "--dtype", "float32",
-            "--limit-mm-per-prompt", json.dumps({"image": 2, "video": 0}), "--enforce-eager"]
+    cli = (
+        [shutil.which("vllm"), "serve"]
+        if shutil.which("vllm") and not ON_CPU
+        else [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    )
+    argv = [
+        *cli,
+        str(tiny.target),
+        "--speculative-config",
+        json.dumps(spec),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--max-model-len",
+        "2048",
+        "--dtype",
+        "float32",
+        "--limit-mm-per-prompt",
+        json.dumps({"image": 2, "video": 0}),
+        "--enforce-eager",
+    ]
     if ON_CPU:
         argv += ["--block-size", "16", "--kv-cache-memory-bytes", str(512 << 20)]
     log = tmp_path_factory.mktemp("log") / "serve.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
+        proc = subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "VLLM_NO_USAGE_STATS": "1"},
+        )
     srv = Server(proc, port, log, str(tiny.target), argv)
     deadline = time.time() + 600
     while not srv.healthy():
@@ -51,11 +74,14 @@ def test_serve_answers_image_chat_and_counts_drafts(server):
     image = {"type": "image_url", "image_url": {"url": encode_image_url(synthetic_image(5, (320, 200)))}}
     status, body = server.chat(
         [{"role": "user", "content": [image, {"type": "text", "text": "Describe the image."}]}],
-        max_tokens=32, temperature=0.0,
+        max_tokens=32,
+        temperature=0.0,
     )
     assert status == 200, body
     assert body["usage"]["completion_tokens"] > 0
-    status, body = server.chat([{"role": "user", "content": "Hello, text only."}], max_tokens=16, temperature=0.0)
+    status, body = server.chat(
+        [{"role": "user", "content": "Hello, text only."}], max_tokens=16, temperature=0.0
+    )
     assert status == 200, body
     delta = SpecCounters.from_prometheus(server.metrics_text()) - before
     print("  /metrics delta:", delta, "MAL", delta.mean_accepted_length)

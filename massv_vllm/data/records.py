@@ -83,9 +83,20 @@ def safe_join(root: Path, rel: str) -> Path:
 
 
 def load_image(src: Any):
-    """Open an image as RGB; raises DataError for missing, unreadable or empty images."""
+    """Open an image as RGB; raises DataError for missing, unreadable or empty images.
+
+    ``src``: a path, a PIL image, a file-like object, or an undecoded ``datasets`` image
+    (``{"bytes": ..., "path": ...}``)."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(src, dict):
+        if src.get("bytes"):
+            return load_image(io.BytesIO(src["bytes"]))
+        if src.get("path"):
+            return load_image(src["path"])
+        raise DataError("image entry has neither bytes nor a path")
     if isinstance(src, Image.Image):
         img = src
     else:
@@ -183,7 +194,7 @@ def read_hf_dataset(
 ) -> Iterator[Record]:
     """Records of a ``datasets`` dataset: a ``save_to_disk`` folder, a parquet file/folder, or an
     imagefolder. Column names come from the command line."""
-    ds = _open_dataset(Path(path), split)
+    ds = _undecoded_images(_open_dataset(Path(path), split), image_column)
     stats = stats if stats is not None else ReadStats()
     missing = [
         c
@@ -212,6 +223,21 @@ def read_hf_dataset(
             turns=turns,
             task=row.get(task_column) if task_column else None,
         )
+
+
+def _undecoded_images(ds, column: str):
+    """Keep images as raw bytes/paths: ``datasets`` would otherwise decode them inside the
+    iterator, where one corrupt image aborts the whole read instead of being skipped."""
+    import datasets
+
+    feature = ds.features.get(column)
+    if isinstance(feature, datasets.Image):
+        return ds.cast_column(column, datasets.Image(decode=False))
+    if isinstance(feature, (list, datasets.Sequence)):
+        inner = feature[0] if isinstance(feature, list) else feature.feature
+        if isinstance(inner, datasets.Image):
+            return ds.cast_column(column, datasets.Sequence(datasets.Image(decode=False)))
+    return ds
 
 
 def _open_dataset(path: Path, split: str):

@@ -1,0 +1,142 @@
+"""generate.py: self-distilled data through one real vLLM engine (tiny target), resumable shards."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from massv_vllm.data.generation import (
+    DEFAULT_SCHEDULE,
+    GenerationError,
+    ShardStore,
+    build_parser,
+    generate,
+    parse_schedule,
+    sampling_for,
+)
+from massv_vllm.data.records import ReadStats, read_llava
+from massv_vllm.data.synthetic import write_llava_set
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen):
+    from massv_vllm.engine import make_llm
+
+    engine = make_llm(str(tiny_qwen.target), max_model_len=512)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return write_llava_set(tmp_path_factory.mktemp("prompts"), 5, kind="instruction")
+
+
+def _args(tiny, data, out, *extra):
+    return build_parser().parse_args(
+        ["--target", str(tiny.target), "--data", str(data), "--out", str(out), "--max-tokens", "8",
+         "--shard-size", "4", "--no-progress", *extra]
+    )  # fmt: skip
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "generated.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.engine
+def test_generate_resumes_without_duplicates(llm, tiny_qwen, prompts, tmp_path):
+    from massv_vllm.data.samples import RESPONSE_TOKEN_IDS, SampleBuilder
+    from massv_vllm.target_features import TargetEncoder
+
+    out = tmp_path / "gen"
+    first = generate(_args(tiny_qwen, prompts, out, "--responses-per-prompt", "2", "--limit", "3"), llm)
+    assert first.written == first.total == 6
+    shards_before = {p.name: p.read_text() for p in out.glob("shard-*.jsonl")}
+    # "the run was killed after 3 prompts": the same command over all prompts continues
+    second = generate(_args(tiny_qwen, prompts, out, "--responses-per-prompt", "2"), llm)
+    assert second.written == 4 and second.total == 10
+    assert {
+        p.name: p.read_text() for p in out.glob("shard-*.jsonl") if p.name in shards_before
+    } == shards_before
+    rows = _rows(out)
+    keys = Counter((r["source_id"], r["sample_index"]) for r in rows)
+    assert len(keys) == 10 and max(keys.values()) == 1
+    assert generate(_args(tiny_qwen, prompts, out, "--responses-per-prompt", "2"), llm).written == 0
+
+    schedule = parse_schedule(DEFAULT_SCHEDULE)
+    enc = TargetEncoder(tiny_qwen.target, load_vision=False)
+    for r in rows:
+        t, p, seed = sampling_for(r["source_id"], r["sample_index"], schedule, 0)
+        assert r["sampling"] == {"temperature": t, "top_p": p, "seed": seed, "max_tokens": 8}
+        assert 0 < len(r["response_token_ids"]) <= 8 and r["finish_reason"] in ("stop", "length")
+        assert r["images"] and not Path(r["images"][0]).is_absolute()
+        assert enc.image_token_id in r["prompt_token_ids"]
+    assert len({r["sampling"]["temperature"] for r in rows}) > 1  # the schedule is really used
+
+    # read_llava reads it back (image root from generation.json) and SDViT rebuilds the exact prompts
+    meta = json.loads((out / "generation.json").read_text())
+    stats = ReadStats()
+    records = list(read_llava(out / "generated.jsonl", (out / meta["image_root"]).resolve(), stats))
+    assert stats.kept == 10 and all(rec.images[0].is_file() for rec in records)
+    builder = SampleBuilder(enc, max_len=1024, response=RESPONSE_TOKEN_IDS)
+    built = [builder.build(i, rec) for i, rec in enumerate(records)]
+    assert all(b is not None for b in built), builder.stats.summary()  # our prompt == vLLM's prompt
+    for (sample, _), r in zip(built, rows):
+        assert sample.input_ids.tolist() == r["prompt_token_ids"] + r["response_token_ids"]
+
+
+@pytest.mark.engine
+def test_text_only_mode(llm, tiny_qwen, prompts, tmp_path):
+    res = generate(_args(tiny_qwen, prompts, tmp_path / "txt", "--text-only", "--schedule", "0.5:0.9"), llm)
+    assert res.total == 5
+    enc_image_token = json.loads((tiny_qwen.target / "config.json").read_text())["image_token_id"]
+    for r in _rows(tmp_path / "txt"):
+        assert "images" not in r and "<image>" not in r["conversations"][0]["value"]
+        assert enc_image_token not in r["prompt_token_ids"]
+        assert (r["sampling"]["temperature"], r["sampling"]["top_p"]) == (0.5, 0.9)
+
+
+@pytest.mark.engine
+def test_hf_dataset_images_are_saved_beside_the_data(llm, tiny_qwen, tmp_path):
+    import datasets
+
+    from massv_vllm.data.feature_cache import image_key
+    from massv_vllm.data.records import load_image
+    from massv_vllm.tiny import synthetic_image
+
+    imgs = [synthetic_image(i, (56, 56)) for i in range(2)]
+    ds = datasets.Dataset.from_dict(
+        {"image": imgs, "prompt": ["Describe the image.", "Where is the circle?"]},
+        features=datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string")}),
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "gen"
+    assert generate(_args(tiny_qwen, tmp_path / "ds", out), llm).total == 2
+    # in-memory images have no path: they are written under out/images, the data's image root
+    records = list(read_llava(out / "generated.jsonl"))
+    assert [image_key(load_image(r.images[0])) for r in records] == [image_key(i) for i in imgs]
+    assert all(out / "images" in r.images[0].parents for r in records)
+
+
+def test_shard_store_recovers_from_a_kill(tmp_path):
+    """A kill between a shard's rename and the index update, or during a shard write."""
+    store = ShardStore(tmp_path)
+    store.write([{"source_id": "a", "sample_index": 0, "x": 1}])
+    store.write([{"source_id": "b", "sample_index": 0}, {"source_id": "b", "sample_index": 1}])
+    (tmp_path / "index.json").write_text(json.dumps({"shard-000000.jsonl": [["a", 0]]}))  # stale index
+    (tmp_path / "shard-000002.jsonl.tmp").write_text('{"source_id": "c", "sampl')  # torn write
+    again = ShardStore(tmp_path)
+    assert again.done == {("a", 0), ("b", 0), ("b", 1)}
+    assert not list(tmp_path.glob("*.tmp"))
+    assert again.merge() == 3
+
+
+def test_bad_schedule_is_refused():
+    assert parse_schedule("0:1, 0.7:0.95") == [(0.0, 1.0), (0.7, 0.95)]
+    assert parse_schedule([[1, 1]]) == [(1.0, 1.0)]
+    for bad in ("0.5", "x:1", "0.5:0", "-1:1", ""):
+        with pytest.raises(GenerationError):
+            parse_schedule(bad)

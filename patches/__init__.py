@@ -1,21 +1,31 @@
 """Every change massv-vllm makes to vLLM internals, one module per patched vLLM class.
 
 All patches target vLLM 0.26.0 exactly (``TARGET_VLLM``); ``apply_all`` refuses any other version.
-Each patch replaces named methods on the vLLM class object itself (so ``isinstance`` checks and
-import order do not matter), logs what it replaced, and refuses to patch a method twice.
-``apply_all`` is idempotent: the vLLM plugin calls it once per process.
+Each patch replaces named methods on the vLLM class object itself (so ``isinstance`` checks do not
+matter), logs what it replaced, and refuses to patch a method twice. ``apply_all`` is idempotent:
+the vLLM plugin calls it once per process.
 
-| module                  | vLLM class (file in vLLM 0.26.0)                          |
-|-------------------------|-----------------------------------------------------------|
-| engine_args             | EngineArgs (vllm/engine/arg_utils.py)                     |
-| draft_model_proposer    | DraftModelProposer (vllm/v1/spec_decode/draft_model.py)   |
-| gpu_model_runner        | GPUModelRunner (vllm/v1/worker/gpu_model_runner.py)       |
+Each module names the vLLM module holding its class (``VLLM_MODULE``). A patch is applied at once
+if that module is already imported, otherwise right after its first import (a post-import hook),
+so the API-server process never imports worker-only modules just to patch them.
+
+| module                   | vLLM class (file in vLLM 0.26.0)                               |
+|--------------------------|----------------------------------------------------------------|
+| engine_args              | EngineArgs (vllm/engine/arg_utils.py)                          |
+| draft_model_proposer     | DraftModelProposer (vllm/v1/spec_decode/draft_model.py)        |
+| gpu_model_runner         | GPUModelRunner (vllm/v1/worker/gpu_model_runner.py)            |
+| cpu_model_runner         | CPUModelRunner (vllm/v1/worker/cpu_model_runner.py), CPU only  |
+| image_media_io           | ImageMediaIO (vllm/multimodal/media/image.py)                  |
+| media_connector          | MediaConnector (vllm/multimodal/media/connector.py)            |
+| input_processing_context | InputProcessingContext (vllm/multimodal/processing/context.py) |
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +33,15 @@ from massv_vllm import VLLM_VERSION as TARGET_VLLM
 
 logger = logging.getLogger("vllm.massv_vllm.patches")
 
-PATCH_MODULES = ("engine_args", "draft_model_proposer", "gpu_model_runner")
+PATCH_MODULES = (
+    "engine_args",
+    "draft_model_proposer",
+    "gpu_model_runner",
+    "cpu_model_runner",
+    "image_media_io",
+    "media_connector",
+    "input_processing_context",
+)
 _MARK = "__massv_patch__"
 _applied: list[str] = []
 
@@ -66,15 +84,69 @@ def is_patched(cls: type, name: str) -> bool:
     return bool(getattr(cls.__dict__.get(name), _MARK, False))
 
 
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    """Runs callbacks right after a named module's first import (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[Callable[[], None]]] = {}
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _CallbackLoader(spec.loader, self.pending.pop(name))
+                return spec
+        return None
+
+
+class _CallbackLoader(importlib.abc.Loader):
+    def __init__(self, inner: Any, callbacks: list[Callable[[], None]]) -> None:
+        self.inner, self.callbacks = inner, callbacks
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.inner.exec_module(module)
+        for callback in self.callbacks:
+            callback()  # a failing patch fails the import: a half-patched vLLM must not run
+
+    def __getattr__(self, name: str) -> Any:  # get_source, is_package, ... of the real loader
+        return getattr(self.inner, name)
+
+
+_hook = _PostImportHook()
+_started = False
+
+
 def apply_all() -> list[str]:
-    """Apply every patch once (later calls return the same list without touching vLLM)."""
-    if _applied:
+    """Apply (or schedule, see the module docstring) every patch once; later calls are no-ops.
+
+    Returns the patches applied so far."""
+    global _started
+    if _started:
         return list(_applied)
     check_vllm_version()
-    for mod in PATCH_MODULES:
-        importlib.import_module(f"{__name__}.{mod}").apply()
+    for name in PATCH_MODULES:
+        mod = importlib.import_module(f"{__name__}.{name}")
+        if mod.VLLM_MODULE in sys.modules:
+            mod.apply()
+        else:
+            _hook.pending.setdefault(mod.VLLM_MODULE, []).append(mod.apply)
+    if _hook.pending and _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
+    _started = True
     return list(_applied)
 
 
 def applied() -> list[str]:
     return list(_applied)
+
+
+def pending() -> list[str]:
+    """vLLM modules whose patches wait for their first import."""
+    return sorted(_hook.pending)

@@ -47,6 +47,9 @@ def to_draft_layout(
     return out.pin_memory() if is_mm_embed.is_pinned() else out
 
 
+VLLM_MODULE = "vllm.v1.spec_decode.draft_model"  # applied when this vLLM module is imported
+
+
 def apply() -> None:
     from vllm.v1.spec_decode.draft_model import DraftModelProposer
 

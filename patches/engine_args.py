@@ -65,6 +65,9 @@ def _check_lengths(info: Any, target_model_config: Any) -> None:
         )
 
 
+VLLM_MODULE = "vllm.engine.arg_utils"  # applied when this vLLM module is imported
+
+
 def apply() -> None:
     from vllm.engine.arg_utils import EngineArgs
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from massv_vllm.patches import replace_method
 
+VLLM_MODULE = "vllm.v1.worker.gpu_model_runner"  # applied when this vLLM module is imported
+
 
 def apply() -> None:
     from vllm.v1.spec_decode.draft_model import DraftModelProposer

@@ -30,19 +30,42 @@ def test_register_is_idempotent_and_patches_vllm():
     first = patches.applied()
     register()
     assert patches.apply_all() == first  # second application is a no-op
-    assert set(first) == {
+    assert {
         "vllm.engine.arg_utils.EngineArgs.create_speculative_config",
         "vllm.v1.spec_decode.draft_model.DraftModelProposer.__init__",
         "vllm.v1.spec_decode.draft_model.DraftModelProposer.propose",
         "vllm.v1.spec_decode.draft_model.DraftModelProposer._warn_if_multimodal",
         "vllm.v1.worker.gpu_model_runner.GPUModelRunner._gather_mm_embeddings",
-    }
+        "vllm.multimodal.media.image.ImageMediaIO.load_bytes",
+    } <= set(first)
     assert patches.is_patched(EngineArgs, "create_speculative_config")
     assert patches.is_patched(DraftModelProposer, "propose")
     assert patches.is_patched(GPUModelRunner, "_gather_mm_embeddings")
     archs = ModelRegistry.get_supported_archs()
     for fam in FAMILIES.values():
         assert fam.drafter_architecture in archs
+
+
+def test_worker_patches_wait_for_their_module(tmp_path):
+    """In a fresh process, register() does not import worker modules; their first import patches."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from massv_vllm.plugin import register
+import massv_vllm.patches as p
+register()
+assert "vllm.v1.worker.gpu_model_runner" not in sys.modules, "worker module imported by register()"
+assert "vllm.v1.worker.gpu_model_runner" in p.pending()
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+assert p.is_patched(GPUModelRunner, "_gather_mm_embeddings") and p.is_patched(DraftModelProposer, "propose")
+assert "vllm.v1.worker.gpu_model_runner" not in p.pending()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_patching_twice_is_refused():

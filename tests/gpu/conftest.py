@@ -12,6 +12,10 @@ import pytest
 import torch
 
 ON_CPU = os.environ.get("MASSV_GPU_TESTS_ON_CPU") == "1"
+# These tests touch CUDA in the pytest process (TargetEncoder, drafter training) before vLLM
+# starts its engine processes; forked children of a CUDA-initialised parent fail with
+# "CUDA error: initialization error" (seen on the H100), spawned ones do not.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,60 @@
+"""CPUModelRunner (vllm/v1/worker/cpu_model_runner.py, vLLM 0.26.0): speculative sampling on CPU.
+
+Without Triton, ``_postprocess_triton`` swaps the rejection sampler's Triton kernels for C++
+ones. Its ``expand_kernel`` (used by ``expand_batch_to_tokens`` to spread per-request
+temperature, top-k and top-p over draft tokens) converts ``output`` and ``input`` to int64 and
+never copies the result back: for the float32 temperatures (and int32 top-k) the expanded tensor
+is left *uninitialised* (``new_empty``), and a value like 0.8 would be truncated to 0 anyway.
+Whenever a batch holds a non-greedy request, every draft-token logit row, greedy rows included,
+is divided by garbage, so speculative decoding on CPU changed greedy outputs (seen in
+benchmarks/load.py: 17 of 19 greedy answers differed once 10% of the requests were sampled) and
+sampled with wrong temperatures. The patch installs a dtype-preserving torch implementation
+after the stock swap. GPU runs (Triton) never use this code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from massv_vllm.patches import replace_method
+
+
+def expand_kernel_impl(
+    output: torch.Tensor,
+    input_val: torch.Tensor,
+    cu_num_tokens: torch.Tensor,
+    replace_from: float,
+    replace_to: float,
+    MAX_NUM_TOKENS: int | None = None,  # the Triton kernel's keyword; unused
+) -> None:
+    """``output[cu[i-1]:cu[i]] = input_val[i]`` (``replace_from`` -> ``replace_to``), in output's dtype."""
+    cu = cu_num_tokens.to(torch.int64)
+    n = int(cu[-1]) if cu.numel() else 0
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    values = input_val.masked_fill(input_val == replace_from, replace_to)
+    output[:n] = torch.repeat_interleave(values, counts, output_size=n).to(output.dtype)
+
+
+VLLM_MODULE = "vllm.v1.worker.cpu_model_runner"  # applied when this vLLM module is imported
+
+
+def apply() -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return  # the broken fallback is installed by the CPU runner only
+    import vllm.utils.cpu_triton_utils as cpu_tl
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    def make(original):
+        def _postprocess_triton(self):
+            original(self)
+            import vllm.v1.sample.rejection_sampler as rejection_sampler
+
+            # Only where the stock C++ fallback was installed (not with a Triton-CPU backend).
+            if rejection_sampler.expand_kernel is cpu_tl.expand_kernel:
+                rejection_sampler.expand_kernel = cpu_tl._FuncWrapper(expand_kernel_impl)
+
+        return _postprocess_triton
+
+    replace_method(CPUModelRunner, "_postprocess_triton", make)

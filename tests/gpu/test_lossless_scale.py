@@ -1,0 +1,164 @@
+"""MASSV is lossless at scale: T=0 outputs with the drafter equal the target alone (GPU).
+
+200 chat requests (0-3 synthetic images of sizes 56..448 px, text-only, long prompts that take
+several prefill chunks: ``max_num_batched_tokens`` is small) are run through the tiny Qwen2.5-VL
+target with and without its MASSV drafter, each request alone (batch size 1) and all at once
+(``max_num_seqs`` 64), and once more with sampled (T=0.8) requests sharing the batch. float32
+engines must agree exactly (a divergence is excused only at a true fp32 tie); bf16 engines may
+diverge only where the reference's top-2 logprob gap at the first differing token is tiny, and
+every divergence is printed with its gap. ~2.5 min on one H100 (4 engine starts of ~15 s).
+
+    pytest tests/gpu/test_lossless_scale.py -q -s
+    MASSV_GPU_TESTS_ON_CPU=1 MASSV_LOSSLESS_N=6 pytest tests/gpu/test_lossless_scale.py -q -s  # CPU dry run
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from massv_vllm.engine import make_llm, massv_spec, on_gpu, shutdown
+from massv_vllm.lossless import Output, divergences, greedy, prompt_suite
+from massv_vllm.metrics import SpecCounters
+
+CPU_DRY_RUN = os.environ.get("MASSV_GPU_TESTS_ON_CPU") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or CPU_DRY_RUN),
+        reason="needs a CUDA GPU (MASSV_GPU_TESTS_ON_CPU=1 dry-runs it on CPU with small N)",
+    ),
+]
+
+N = int(os.environ.get("MASSV_LOSSLESS_N", "6" if CPU_DRY_RUN else "200"))
+N_BF16_SINGLE = min(N, 32)  # bf16 batch-1 subset (runtime budget)
+MAX_TOKENS = 16
+GAMMA = 3
+# 64 sequences at once; 384 batched tokens (320 after the drafter's 1 slot per sequence) so long
+# prompts and images of up to 256 tokens are prefilled in several chunks.
+ENGINE_KW = dict(max_model_len=2048, max_images=3, max_num_seqs=64, max_num_batched_tokens=384, seed=0)
+if on_gpu():
+    # Eager: engine start ~15 s instead of ~60 s of compilation; a fixed small KV cache so four
+    # engines in a row never compete for memory (each is shut down before the next starts).
+    ENGINE_KW.update(enforce_eager=True, kv_cache_memory_bytes=2 << 30, gpu_memory_utilization=0.3)
+FP32_TIE = 1e-5  # a true tie at fp32 precision: different GEMM shapes may break it either way
+BF16_TIE = float(os.environ.get("MASSV_BF16_TIE_TOL", "0.02"))
+
+
+@dataclass
+class Run:
+    batched: list[Output]
+    single: list[Output]
+    mixed: list[Output] | None  # greedy requests of a batch that also holds sampled ones
+    counters: SpecCounters
+    seconds: float
+
+
+def _mixed_batch(llm, reqs) -> list[Output]:
+    """The greedy requests again, with every 8th slot followed by a sampled request (T=0.8)."""
+    from vllm import SamplingParams
+
+    greedy_sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
+    messages, params, is_greedy = [], [], []
+    for i, r in enumerate(reqs):
+        messages.append(r.messages)
+        params.append(greedy_sp)
+        is_greedy.append(True)
+        if i % 8 == 0:
+            messages.append(r.messages)
+            params.append(SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, seed=i))
+            is_greedy.append(False)
+    outs = llm.chat(messages, params, use_tqdm=False)
+    result = []
+    for o, g in zip(outs, is_greedy):
+        if g:
+            c = o.outputs[0]
+            lps = [{t: lp.logprob for t, lp in s.items()} for s in c.logprobs] if c.logprobs else None
+            result.append(Output(list(c.token_ids), lps, len(o.prompt_token_ids)))
+    return result
+
+
+def _run(target, spec, dtype: str, reqs, n_single: int, mixed: bool) -> Run:
+    t0 = time.perf_counter()
+    llm = make_llm(str(target), spec, dtype=dtype, **ENGINE_KW)
+    try:
+        before = SpecCounters.from_llm(llm)
+        batched = greedy(llm, reqs, MAX_TOKENS, logprobs=2)
+        single = [greedy(llm, [r], MAX_TOKENS, logprobs=2)[0] for r in reqs[:n_single]]
+        mixed_out = _mixed_batch(llm, reqs) if mixed else None
+        counters = SpecCounters.from_llm(llm) - before
+    finally:
+        shutdown(llm)
+    return Run(batched, single, mixed_out, counters, time.perf_counter() - t0)
+
+
+@pytest.fixture(scope="module")
+def suite():
+    reqs = prompt_suite(N, seed=1, max_images=3, long_every=5, long_words=400)
+    assert any(r.num_images == 3 for r in reqs) or N < 4
+    return reqs
+
+
+def _pair(tiny, suite, dtype: str, n_single: int) -> tuple[Run, Run]:
+    ref = _run(tiny.target, None, dtype, suite, n_single, mixed=False)
+    massv = _run(tiny.target, massv_spec(str(tiny.drafter), GAMMA), dtype, suite, n_single, mixed=True)
+    print(
+        f"\n[{dtype}] reference {ref.seconds:.0f} s, MASSV {massv.seconds:.0f} s, "
+        f"MAL {massv.counters.mean_accepted_length}, drafts {massv.counters.num_drafts}"
+    )
+    return ref, massv
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_qwen, suite):
+    return _pair(tiny_qwen, suite, "float32", N)
+
+
+@pytest.fixture(scope="module")
+def bf16(tiny_qwen, suite):
+    return _pair(tiny_qwen, suite, "bfloat16", N_BF16_SINGLE)
+
+
+def check(reference: list[Output], candidate: list[Output], tol: float, label: str) -> None:
+    found = divergences(reference, candidate)
+    for d in found:
+        print(f"[{label}] DIVERGENCE {d}")
+    print(f"[{label}] {len(found)} of {len(reference)} requests diverge (tolerated top-2 gap <= {tol:g})")
+    bad = [d for d in found if d.top2_gap is None or d.top2_gap > tol]
+    assert not bad, f"[{label}] {len(bad)} divergences where the reference was not a near-tie: " + "; ".join(
+        map(str, bad[:5])
+    )
+
+
+def test_suite_exercises_chunked_prefill_and_drafting(fp32, suite):
+    ref, massv = fp32
+    budget = ENGINE_KW["max_num_batched_tokens"] - ENGINE_KW["max_num_seqs"]
+    assert any(o.prompt_len > budget for o in ref.batched), "no prompt needed several prefill chunks"
+    assert {r.num_images for r in suite} >= ({0, 1, 2, 3} if N >= 4 else {0})
+    assert massv.counters.num_drafts > 0
+    assert ref.counters.num_drafts == 0
+
+
+def test_fp32_lossless_batch_1(fp32):
+    ref, massv = fp32
+    check(ref.single, massv.single, FP32_TIE, "fp32 batch 1")
+
+
+def test_fp32_lossless_batched(fp32):
+    ref, massv = fp32
+    check(ref.batched, massv.batched, FP32_TIE, "fp32 batch 64")
+
+
+def test_fp32_lossless_with_sampled_requests_in_the_batch(fp32):
+    ref, massv = fp32
+    check(ref.batched, massv.mixed, FP32_TIE, "fp32 batch 64 + sampled")
+
+
+def test_bf16_divergences_only_at_near_ties(bf16):
+    ref, massv = bf16
+    check(ref.batched, massv.batched, BF16_TIE, "bf16 batch 64")
+    check(ref.single, massv.single, BF16_TIE, "bf16 batch 1")

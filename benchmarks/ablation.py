@@ -38,7 +38,7 @@ from benchmarks.report import (
     run_metadata,
     write_json,
 )
-from benchmarks.tvd import RESPONSE_SOURCES, parse_named_paths, run_tvd
+from benchmarks.tvd import RESPONSE_SOURCES, add_drafters_arg, parse_named_paths, run_tvd
 
 RESULTS_VERSION = 1
 
@@ -242,16 +242,7 @@ def run_ablation(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(p)
-    p.add_argument(
-        "--drafters",
-        "--drafter",
-        dest="drafters",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="NAME=FOLDER",
-        help="drafters to compare (repeat --drafter, or list them after --drafters)",
-    )
+    add_drafters_arg(p)
     p.add_argument("--gamma", type=int, default=5)
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--batch-size", type=int, default=1)

@@ -403,9 +403,8 @@ def parse_named_paths(items: list[str], what: str = "drafter") -> dict[str, str]
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_args(p)
+def add_drafters_arg(p: argparse.ArgumentParser) -> None:
+    """``--drafters NAME=FOLDER ...`` / repeated ``--drafter NAME=FOLDER`` (TVD and ablation)."""
     p.add_argument(
         "--drafters",
         "--drafter",
@@ -416,6 +415,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="NAME=FOLDER",
         help="drafters to compare (repeat --drafter, or list them after --drafters)",
     )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(p)
+    add_drafters_arg(p)
     p.add_argument("--responses", choices=RESPONSE_SOURCES, default="reference")
     p.add_argument("--responses-file", default=None, help="generate.py JSONL with response_token_ids per id")
     p.add_argument("--max-new-tokens", type=int, default=128, help="for --responses generate")

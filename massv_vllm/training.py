@@ -41,7 +41,7 @@ import torch
 
 from massv_vllm.config import MassvConfigError
 from massv_vllm.data.feature_cache import FeatureCache, FeatureCacheError, image_key
-from massv_vllm.data.records import DataError, ReadStats, Record, load_image, read_records
+from massv_vllm.data.records import DataError, ReadStats, Record, load_image, read_sources
 from massv_vllm.data.samples import (
     RESPONSE_TEXT,
     RESPONSE_TOKEN_IDS,
@@ -531,11 +531,8 @@ def iter_records(args: argparse.Namespace, stats: ReadStats) -> Iterator[Record]
         id_column=args.id_column,
         split=args.split,
     )
-    for path in args.data:
-        p = Path(path)
-        if not p.exists():
-            raise DataError(f"data {p} does not exist")
-        yield from read_records(p, default_image_root(p, args.image_root), stats, **hf)
+    for rec, _ in read_sources(args.data, lambda p: default_image_root(p, args.image_root), stats, **hf):
+        yield rec
 
 
 def prepare_samples(

@@ -101,8 +101,13 @@ class Run:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+# A stage is a job of its own: it must not join a process group its parent may have started
+# (an in-process training run leaves RANK/MASTER_PORT set and its port bound).
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -40,7 +40,7 @@ from massv_vllm.data.records import (
     Record,
     load_image,
     openai_messages,
-    read_records,
+    read_sources,
 )
 from massv_vllm.data.samples import skip_reason, strip_images
 
@@ -236,14 +236,7 @@ def _iter_records(args: argparse.Namespace, stats: ReadStats) -> Iterator[tuple[
         id_column=args.id_column,
         split=args.split,
     )
-    for path in args.data:
-        p = Path(path)
-        if not p.exists():
-            raise DataError(f"data {p} does not exist")
-        llava = p.suffix in (".json", ".jsonl")
-        root = Path(args.image_root) if args.image_root else p.parent
-        for rec in read_records(p, args.image_root, stats, **hf):
-            yield rec, root if llava else None
+    return read_sources(args.data, lambda p: args.image_root, stats, **hf)
 
 
 def generate(args: argparse.Namespace, llm: Any = None) -> GenerationResult:

@@ -269,6 +269,26 @@ def read_records(
     return read_hf_dataset(p, stats=stats, **hf_columns)
 
 
+def read_sources(
+    paths: list[str | Path],
+    image_root_for: Any,
+    stats: ReadStats,
+    **hf_columns: Any,
+) -> Iterator[tuple[Record, Path | None]]:
+    """Records of every data source in order, each with the image root its LLaVA file resolved
+    against (None for ``datasets`` sources). ``image_root_for(path)`` gives a source's root
+    (None: the file's folder)."""
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"data {p} does not exist")
+        root = image_root_for(p)
+        resolved = Path(root) if root else p.parent
+        llava = p.suffix in (".json", ".jsonl")
+        for rec in read_records(p, root, stats, **hf_columns):
+            yield rec, resolved if llava else None
+
+
 def hf_messages(record: Record, with_response: bool = False) -> list[dict[str, Any]]:
     """HF chat-template messages: "<image>" markers become {"type": "image"} items, in place."""
     out = []

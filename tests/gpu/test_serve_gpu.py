@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,11 +22,12 @@ def server(tmp_path_factory):
     tiny = build_tiny_set(tmp_path_factory.mktemp("tiny"), "qwen2_5_vl")
     spec = {"method": "massv", "model": str(tiny.drafter), "num_speculative_tokens": 5}
     port = free_port()
-    # The real CLI where it exists (GPU machine); the CPU wheel's metadata breaks `vllm` there.
+    # `vllm serve` through its module (the GPU kit's `vllm` launcher script has no __main__ guard,
+    # which breaks spawned engine processes); the CPU wheel's metadata breaks the CLI entirely.
     cli = (
-        [shutil.which("vllm"), "serve"]
-        if shutil.which("vllm") and not ON_CPU
-        else [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+        if ON_CPU
+        else [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
     )
     argv = [
         *cli,

@@ -17,6 +17,24 @@ MAX_TOKENS = 16
 GAMMA = 3
 
 
+def probed_engine(tiny, drafter):
+    """A module-scoped MASSV engine with the drafter probe (generator body for a fixture)."""
+    from massv_vllm.engine import make_llm, massv_spec, shutdown
+
+    engine = make_llm(str(tiny.target), massv_spec(str(drafter), GAMMA), probe=True, **ENGINE_KW)
+    yield engine
+    shutdown(engine)
+
+
+def assert_drafter_reads_images(llm, tokens, colours, seed) -> None:
+    """The first draft after each single-image prompt is the token the drafter was trained to
+    give for that image's colour (see ``train_image_aware_drafter``)."""
+    for i, colour in enumerate(colours):
+        out, rec = run_probed(llm, chat_with(colour_image(colour, seed=seed + i)), max_tokens=2)
+        draft = first_draft_after_prefill(out, rec)[1]
+        assert draft[0] == tokens[colour], (colour, draft)
+
+
 def assert_lossless(reference, candidate) -> None:
     found = divergences(reference, candidate)
     for d in found:

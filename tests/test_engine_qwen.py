@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from massv_vllm.engine import make_llm, massv_spec, shutdown
 from massv_vllm.lossless import greedy, prompt_suite
 from massv_vllm.metrics import SpecCounters
 from massv_vllm.target_features import TargetEncoder
@@ -17,12 +16,11 @@ from tests.engine_checks import (
     GAMMA,
     MAX_TOKENS,
     SUITE_SIZE,
+    assert_drafter_reads_images,
     assert_lossless,
     assert_positions_are_absolute,
     chat,
-    chat_with,
-    colour_image,
-    first_draft_after_prefill,
+    probed_engine,
     projector_inputs,
     run_probed,
     train_image_aware_drafter,
@@ -39,9 +37,7 @@ def aware(tiny_qwen, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny_qwen, aware):
-    engine = make_llm(str(tiny_qwen.target), massv_spec(str(aware[0]), GAMMA), probe=True, **ENGINE_KW)
-    yield engine
-    shutdown(engine)
+    yield from probed_engine(tiny_qwen, aware[0])
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +94,7 @@ def test_prompt_ids_match_the_training_side(llm, tiny_qwen):
 def test_served_drafter_reads_the_image(llm, aware):
     """Trained on TargetEncoder features, served by vLLM: its first draft names the image colour,
     so vLLM hands it the same image features, at the right positions, as training did."""
-    _, tokens = aware
-    for i, colour in enumerate(["red", "blue", "blue", "red"]):
-        out, rec = run_probed(llm, chat_with(colour_image(colour, seed=20_000 + i)), max_tokens=2)
-        _, draft = first_draft_after_prefill(out, rec)
-        assert draft[0] == tokens[colour], (colour, draft)
+    assert_drafter_reads_images(llm, aware[1], ["red", "blue", "blue", "red"], seed=20000)
 
 
 def test_draft_positions_are_absolute_after_images(llm):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from massv_vllm.engine import make_llm, massv_spec, shutdown
 from massv_vllm.lossless import greedy, prompt_suite
 from tests.engine_checks import (
     ENGINE_KW,
@@ -18,6 +17,7 @@ from tests.engine_checks import (
     assert_lossless,
     assert_positions_are_absolute,
     chat,
+    probed_engine,
     run_probed,
 )
 
@@ -26,11 +26,7 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def llm(tiny_qwen):
-    engine = make_llm(
-        str(tiny_qwen.target), massv_spec(str(tiny_qwen.text_drafter), GAMMA), probe=True, **ENGINE_KW
-    )
-    yield engine
-    shutdown(engine)
+    yield from probed_engine(tiny_qwen, tiny_qwen.text_drafter)
 
 
 def test_text_only_drafter_is_lossless(llm, qwen_reference):

@@ -5,14 +5,14 @@ internals) is installed as ``massv_vllm.patches``; ``train/`` and ``benchmarks/`
 from a checkout and stay out of site-packages.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="massv-vllm",
     version="0.1.0",
     description="MASSV speculative decoding for vision-language models in vLLM",
     python_requires=">=3.10",
-    packages=["massv_vllm", "massv_vllm.models", "massv_vllm.data", "massv_vllm.patches"],
+    packages=[*find_packages(include=["massv_vllm", "massv_vllm.*"]), "massv_vllm.patches"],
     package_dir={"massv_vllm": "massv_vllm", "massv_vllm.patches": "patches"},
     install_requires=[
         "vllm==0.26.0",
@@ -28,7 +28,7 @@ setup(
         "dev": ["pytest>=8", "ruff==0.17.*", "matplotlib", "datasets", "deepspeed"],
     },
     entry_points={
-        "vllm.general_plugins": ["massv = massv_vllm.plugin:register"],
+        "vllm.general_plugins": ["massv = massv_vllm.serving.plugin:register"],
         "console_scripts": ["massv-build-drafter = massv_vllm.build:main"],
     },
 )

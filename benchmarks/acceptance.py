@@ -66,7 +66,7 @@ class Mode:
 
 def parse_modes(specs: list[str]) -> list[Mode]:
     """``["none", "text=PATH", "massv=PATH", ...]`` -> modes; the drafter kind is read from the folder."""
-    from massv_vllm.config import MassvConfigError, load_massv_config
+    from massv_vllm.serving.config import MassvConfigError, load_massv_config
 
     modes: list[Mode] = []
     for spec in specs:

@@ -237,9 +237,14 @@ def _override(folder: Path, top: dict[str, Any], sections: dict[str, dict[str, A
 def write_shape_set(root: str | Path, preset_name: str) -> ShapeSet:
     """Config-only target, small LM and MASSV drafter folders of ``preset_name`` under ``root``."""
     from massv_vllm import tiny
-    from massv_vllm.checks import check_pair, expected_shapes, load_base_config, target_config_from_dir
-    from massv_vllm.config import CONFIG_KEY, MassvConfig, ProjectorConfig, TargetInfo
     from massv_vllm.families import FAMILIES
+    from massv_vllm.serving.checks import (
+        check_pair,
+        expected_shapes,
+        load_base_config,
+        target_config_from_dir,
+    )
+    from massv_vllm.serving.config import CONFIG_KEY, MassvConfig, ProjectorConfig, TargetInfo
 
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; known: {sorted(PRESETS)}")

@@ -85,8 +85,8 @@ class Scorer:
     def __init__(self, target: str | Path, drafters: dict[str, str], device: str, dtype: torch.dtype):
         from transformers import AutoModelForImageTextToText
 
-        from massv_vllm.checks import check_pair
         from massv_vllm.modeling import MassvDrafter
+        from massv_vllm.serving.checks import check_pair
         from massv_vllm.target_features import TargetEncoder
 
         self.device = torch.device(device)

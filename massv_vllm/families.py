@@ -47,7 +47,7 @@ FAMILIES: dict[str, Family] = {
         base_architecture="Qwen2ForCausalLM",
         base_model_types=("qwen2",),
         drafter_architecture="MassvQwen2DrafterForCausalLM",
-        vllm_class="massv_vllm.models.qwen2:MassvQwen2DrafterForCausalLM",
+        vllm_class="massv_vllm.serving.models.qwen2:MassvQwen2DrafterForCausalLM",
         image_token_attr="image_token_id",
     ),
     "gemma3": Family(
@@ -57,7 +57,7 @@ FAMILIES: dict[str, Family] = {
         base_architecture="Gemma3ForCausalLM",
         base_model_types=("gemma3_text",),
         drafter_architecture="MassvGemma3DrafterForCausalLM",
-        vllm_class="massv_vllm.models.gemma3:MassvGemma3DrafterForCausalLM",
+        vllm_class="massv_vllm.serving.models.gemma3:MassvGemma3DrafterForCausalLM",
         image_token_attr="image_token_index",
     ),
 }

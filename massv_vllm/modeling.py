@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from massv_vllm.checks import check_drafter
-from massv_vllm.config import CONFIG_KEY, MassvConfig
-from massv_vllm.projector import Projector
+from massv_vllm.serving.checks import check_drafter
+from massv_vllm.serving.config import CONFIG_KEY, MassvConfig
+from massv_vllm.serving.projector import Projector
 
 TOKENIZER_FILES = (
     "tokenizer.json",

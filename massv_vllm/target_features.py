@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from massv_vllm.checks import target_config_from_dir
-from massv_vllm.config import MassvConfigError
 from massv_vllm.families import Family, family_of_target
+from massv_vllm.serving.checks import target_config_from_dir
+from massv_vllm.serving.config import MassvConfigError
 
 
 @dataclass

@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 
-from massv_vllm.config import MassvConfigError
 from massv_vllm.data.feature_cache import FeatureCache, FeatureCacheError, image_key
 from massv_vllm.data.records import DataError, ReadStats, Record, load_image, read_sources
 from massv_vllm.data.samples import (
@@ -50,6 +49,7 @@ from massv_vllm.data.samples import (
     collate,
     sample_digest,
 )
+from massv_vllm.serving.config import MassvConfigError
 
 PRETRAIN = "pretrain_projector"
 SDVIT = "sdvit"

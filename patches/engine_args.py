@@ -21,8 +21,8 @@ METHOD = "massv"
 
 def resolve_massv(args: Any, target_model_config: Any) -> None:
     """Validate a massv/draft_model speculative config on ``args`` and rewrite the alias in place."""
-    from massv_vllm.checks import check_pair
-    from massv_vllm.config import MassvConfigError, is_massv_folder
+    from massv_vllm.serving.checks import check_pair
+    from massv_vllm.serving.config import MassvConfigError, is_massv_folder
 
     spec = dict(args.speculative_config or {})
     method = spec.get("method", args.spec_method)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from benchmarks.cost import SCHEMA, format_report, summarise, write_placeholder_safetensors, write_shape_set
 from benchmarks.cost_ext import zero_final_norms
 from benchmarks.report import check_schema
-from massv_vllm.checks import check_pair, target_config_from_dir
+from massv_vllm.serving.checks import check_pair, target_config_from_dir
 
 
 @pytest.fixture(scope="module")

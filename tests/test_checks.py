@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from massv_vllm.checks import check_drafter, check_pair, target_config_from_dir
-from massv_vllm.config import MassvConfigError
+from massv_vllm.serving.checks import check_drafter, check_pair, target_config_from_dir
+from massv_vllm.serving.config import MassvConfigError
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from massv_vllm.config import (
+from massv_vllm.serving.config import (
     SCHEMA_VERSION,
     MassvConfig,
     MassvConfigError,

@@ -15,7 +15,7 @@ def test_entry_point_is_installed():
     from importlib.metadata import entry_points
 
     eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
-    assert eps.get("massv") == "massv_vllm.plugin:register"
+    assert eps.get("massv") == "massv_vllm.serving.plugin:register"
 
 
 def test_register_is_idempotent_and_patches_vllm():
@@ -24,7 +24,7 @@ def test_register_is_idempotent_and_patches_vllm():
     from vllm.v1.spec_decode.draft_model import DraftModelProposer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from massv_vllm.plugin import register
+    from massv_vllm.serving.plugin import register
 
     register()
     first = patches.applied()
@@ -53,7 +53,7 @@ def test_worker_patches_wait_for_their_module(tmp_path):
 
     code = """
 import sys
-from massv_vllm.plugin import register
+from massv_vllm.serving.plugin import register
 import massv_vllm.patches as p
 register()
 assert "vllm.v1.worker.gpu_model_runner" not in sys.modules, "worker module imported by register()"
@@ -104,8 +104,8 @@ def test_massv_alias_resolves_to_draft_model(tiny_qwen):
     """The alias rewrites the user's dict (process 0); non-MASSV configs pass through untouched."""
     from transformers import AutoConfig
 
-    from massv_vllm.config import MassvConfigError
     from massv_vllm.patches.engine_args import resolve_massv
+    from massv_vllm.serving.config import MassvConfigError
 
     target = types.SimpleNamespace(
         hf_config=AutoConfig.from_pretrained(tiny_qwen.target),

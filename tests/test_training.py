@@ -91,7 +91,7 @@ def test_phase1_step_lowers_loss_and_trains_only_the_projector(tiny_qwen, captio
             assert torch.equal(before[k], after[k]), k  # the LM is bit-identical
     prov = json.loads((res.drafter / "provenance.json").read_text())
     assert prov["kind"] == PRETRAIN and prov["data_hash"] and prov["command"] and "git_commit" in prov
-    from massv_vllm.checks import check_drafter
+    from massv_vllm.serving.checks import check_drafter
 
     check_drafter(res.drafter)  # a valid drafter folder for vLLM ("method": "massv")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from massv_vllm.config import MassvConfig, MassvConfigError, load_massv_config
 from massv_vllm.families import FAMILIES, family_of_target
+from massv_vllm.serving.config import MassvConfig, MassvConfigError, load_massv_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ALLOW_PICKLE_ENV = "MASSV_ALLOW_PICKLE"
@@ -72,7 +72,7 @@ def expected_shapes(base_config: Any, massv: MassvConfig) -> dict[str, tuple[int
     import torch
     from transformers import AutoModelForCausalLM
 
-    from massv_vllm.projector import Projector
+    from massv_vllm.serving.projector import Projector
 
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(base_config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
-from massv_vllm.models.common import MassvDrafterMixin
+from massv_vllm.serving.models.common import MassvDrafterMixin
 
 
 class MassvQwen2DrafterForCausalLM(MassvDrafterMixin, Qwen2ForCausalLM):

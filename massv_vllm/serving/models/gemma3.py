@@ -9,7 +9,7 @@ from __future__ import annotations
 from vllm.config import VllmConfig
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 
-from massv_vllm.models.common import MassvDrafterMixin
+from massv_vllm.serving.models.common import MassvDrafterMixin
 
 
 class MassvGemma3DrafterForCausalLM(MassvDrafterMixin, Gemma3ForCausalLM):

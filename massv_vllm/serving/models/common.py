@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from massv_vllm.config import MassvConfigError, massv_config_from_hf
-from massv_vllm.projector import Projector
+from massv_vllm.serving.config import MassvConfigError, massv_config_from_hf
+from massv_vllm.serving.projector import Projector
 
 _UNSET: Any = object()
 

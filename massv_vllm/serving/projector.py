@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from massv_vllm.config import ProjectorConfig
+from massv_vllm.serving.config import ProjectorConfig
 
 _ACTS = {
     "gelu": lambda: nn.GELU(),

@@ -117,7 +117,7 @@ class Result:
 
 
 def image_url(seed: int, size: tuple[int, int]) -> str:
-    from massv_vllm.tiny import synthetic_image
+    from massv_vllm.testing.tiny import synthetic_image
 
     buf = io.BytesIO()
     synthetic_image(seed, size).save(buf, "PNG")
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
 def _with_server(
     args: argparse.Namespace, spec: dict[str, Any] | None, name: str, reqs: list[LoadRequest], common: dict
 ) -> tuple[dict[str, Any], dict[str, Result]]:
-    from massv_vllm.serve_utils import start_server
+    from massv_vllm.testing.serve_utils import start_server
 
     log = Path(args.log_dir) / f"{name}.log" if args.log_dir else None
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ def engine_kwargs(
         seed=0,
     )
     if probe:
-        kw["worker_extension_cls"] = "massv_vllm.debug.DrafterProbe"
+        kw["worker_extension_cls"] = "massv_vllm.testing.debug.DrafterProbe"
     if not on_gpu():
         kw.update(enforce_eager=True, kv_cache_memory_bytes=512 << 20, block_size=16)
     kw.update(overrides)

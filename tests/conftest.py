@@ -22,14 +22,14 @@ def tiny_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tiny_root):
-    from massv_vllm.tiny import build_tiny_set
+    from massv_vllm.testing.tiny import build_tiny_set
 
     return build_tiny_set(tiny_root, "qwen2_5_vl")
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma(tiny_root):
-    from massv_vllm.tiny import build_tiny_set
+    from massv_vllm.testing.tiny import build_tiny_set
 
     return build_tiny_set(tiny_root, "gemma3")
 
@@ -41,7 +41,7 @@ def tiny_set(request, tiny_qwen, tiny_gemma):
 
 def _reference(tiny):
     from massv_vllm.engine import make_llm, shutdown
-    from massv_vllm.lossless import greedy, prompt_suite
+    from massv_vllm.testing.lossless import greedy, prompt_suite
     from tests.engine_checks import ENGINE_KW, MAX_TOKENS, SUITE_SIZE
 
     llm = make_llm(str(tiny.target), None, **ENGINE_KW)

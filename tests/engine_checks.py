@@ -6,8 +6,8 @@ import torch
 from vllm import SamplingParams
 from vllm.multimodal.utils import encode_image_url
 
-from massv_vllm.lossless import divergences
-from massv_vllm.tiny import synthetic_image
+from massv_vllm.testing.lossless import divergences
+from massv_vllm.testing.tiny import synthetic_image
 
 # One prompt suite for every engine test: text-only, 1 and 2 images of varied sizes, long prompts
 # that take several prefill chunks (max_num_batched_tokens is small), all in one batch.

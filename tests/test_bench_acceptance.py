@@ -14,7 +14,7 @@ from PIL import Image
 from benchmarks import acceptance
 from benchmarks.acceptance import ALL, SCHEMA, Mode, exactness, format_report, run_acceptance, summarise
 from benchmarks.report import check_schema
-from massv_vllm.tiny import synthetic_image
+from massv_vllm.testing.tiny import synthetic_image
 
 GAMMA = 3
 MAX_TOKENS = 8

@@ -23,7 +23,7 @@ from benchmarks.report import (
     write_json,
 )
 from massv_vllm.data.records import DataError, ReadStats
-from massv_vllm.tiny import synthetic_image
+from massv_vllm.testing.tiny import synthetic_image
 
 
 def _assert_png(path):

@@ -10,7 +10,7 @@ import torch
 from benchmarks.report import check_schema
 from benchmarks.tvd import SCHEMA, Scorer, compare_logits, response_slice, run_tvd
 from massv_vllm.metrics import probs_from_logits, tvd
-from massv_vllm.tiny import synthetic_image
+from massv_vllm.testing.tiny import synthetic_image
 
 QUESTIONS = [
     ("captioning", "Describe the image.", "A small red circle in the top left."),

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from massv_vllm.lossless import greedy, prompt_suite
 from massv_vllm.metrics import SpecCounters
 from massv_vllm.target_features import TargetEncoder
+from massv_vllm.testing.lossless import greedy, prompt_suite
 from tests.engine_checks import (
     ENGINE_KW,
     GAMMA,
@@ -66,7 +66,7 @@ def test_drafter_receives_the_targets_image_features(llm, tiny_qwen):
     seeds = [901, 902]
     _, rec = run_probed(llm, chat(seeds, size=(250, 130)))
     got = projector_inputs(rec)
-    from massv_vllm.tiny import synthetic_image
+    from massv_vllm.testing.tiny import synthetic_image
 
     want = torch.cat(
         TargetEncoder(tiny_qwen.target).image_features([synthetic_image(s, (250, 130)) for s in seeds])
@@ -76,7 +76,7 @@ def test_drafter_receives_the_targets_image_features(llm, tiny_qwen):
 
 
 def test_prompt_ids_match_the_training_side(llm, tiny_qwen):
-    from massv_vllm.tiny import synthetic_image
+    from massv_vllm.testing.tiny import synthetic_image
 
     out, _ = run_probed(llm, chat([903], "How many shapes are there?"))
     enc = TargetEncoder(tiny_qwen.target, load_vision=False)

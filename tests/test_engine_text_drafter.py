@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from massv_vllm.lossless import greedy, prompt_suite
+from massv_vllm.testing.lossless import greedy, prompt_suite
 from tests.engine_checks import (
     ENGINE_KW,
     GAMMA,

@@ -12,8 +12,8 @@ import torch
 from massv_vllm.data.feature_cache import FeatureCache, image_key
 from massv_vllm.data.records import load_image, read_records
 from massv_vllm.data.samples import SampleBuilder
-from massv_vllm.data.synthetic import write_llava_set
 from massv_vllm.target_features import TargetEncoder
+from massv_vllm.testing.synthetic import write_llava_set
 from massv_vllm.training import Dist, FeatureSource, prepare_samples
 
 CPU = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
@@ -128,7 +128,7 @@ def test_unindexed_and_foreign_files_are_ignored(tmp_path):
 
 
 def test_image_key_is_content_based():
-    from massv_vllm.tiny import synthetic_image
+    from massv_vllm.testing.tiny import synthetic_image
 
     a = synthetic_image(0, (56, 56))
     assert image_key(a) == image_key(a.convert("RGBA").convert("RGB"))

@@ -18,7 +18,7 @@ from massv_vllm.data.generation import (
     sampling_for,
 )
 from massv_vllm.data.records import ReadStats, read_llava
-from massv_vllm.data.synthetic import write_llava_set
+from massv_vllm.testing.synthetic import write_llava_set
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_hf_dataset_images_are_saved_beside_the_data(llm, tiny_qwen, tmp_path):
 
     from massv_vllm.data.feature_cache import image_key
     from massv_vllm.data.records import load_image
-    from massv_vllm.tiny import synthetic_image
+    from massv_vllm.testing.tiny import synthetic_image
 
     imgs = [synthetic_image(i, (56, 56)) for i in range(2)]
     ds = datasets.Dataset.from_dict(

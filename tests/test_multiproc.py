@@ -76,8 +76,8 @@ def _initial(trained: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.engine
 def test_tensor_parallel_target_with_massv_drafter(tiny_qwen, monkeypatch):
     from massv_vllm.engine import make_llm, massv_spec, shutdown
-    from massv_vllm.lossless import divergences, greedy, prompt_suite
     from massv_vllm.metrics import SpecCounters
+    from massv_vllm.testing.lossless import divergences, greedy, prompt_suite
 
     if torch.cuda.is_available() and torch.cuda.device_count() < 2:
         pytest.skip("TP=2 needs two GPUs")

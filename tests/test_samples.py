@@ -17,9 +17,9 @@ from massv_vllm.data.samples import (
     end_of_turn_id,
     strip_images,
 )
-from massv_vllm.data.synthetic import CAPTIONS, write_llava_set
 from massv_vllm.target_features import TargetEncoder
-from massv_vllm.tiny import synthetic_image
+from massv_vllm.testing.synthetic import CAPTIONS, write_llava_set
+from massv_vllm.testing.tiny import synthetic_image
 
 
 @pytest.fixture(scope="module")

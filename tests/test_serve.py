@@ -24,8 +24,8 @@ import torch
 
 from massv_vllm.engine import massv_spec
 from massv_vllm.metrics import SpecCounters
-from massv_vllm.serve_utils import start_server
-from massv_vllm.tiny import synthetic_image
+from massv_vllm.testing.serve_utils import start_server
+from massv_vllm.testing.tiny import synthetic_image
 
 pytestmark = pytest.mark.engine
 

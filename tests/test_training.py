@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from massv_vllm.data.synthetic import write_llava_set
+from massv_vllm.testing.synthetic import write_llava_set
 from massv_vllm.training import (
     PRETRAIN,
     SDVIT,

@@ -26,7 +26,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from massv_vllm.tiny import train_tokenizer
+    from massv_vllm.testing.tiny import train_tokenizer
 
     root = tmp_path_factory.mktemp("world")
     counts = gw.WorldCounts(target_train=6, captions=1, instructions=1, eval_per_task=1, val=4, lm_texts=4)

@@ -162,7 +162,7 @@ def _read_json(path: Path) -> Any:
 # ---- stages ------------------------------------------------------------------------------------------
 def stage_world(run: Run) -> dict[str, Any]:
     from benchmarks.world.generate_world import generate_world, tokenizer_corpus
-    from massv_vllm.tiny import train_tokenizer
+    from massv_vllm.testing.tiny import train_tokenizer
 
     meta = generate_world(run.world, run.sizes.world, seed=run.seed)
     n_corpus = 2000 if run.sizes.name == "full" else 300

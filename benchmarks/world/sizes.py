@@ -15,7 +15,7 @@ from benchmarks.world.generate_world import WorldCounts
 
 @dataclass(frozen=True)
 class TargetSizes:
-    """The target VLM (``massv_vllm.tiny.make_qwen2_5_vl_target`` keywords) and how it is trained."""
+    """The target VLM (``massv_vllm.testing.tiny.make_qwen2_5_vl_target`` keywords) and how it is trained."""
 
     arch: dict = field(default_factory=dict)
     # Vision attention window in pixels. 448 (the largest image side) makes every "window" a whole

@@ -2,7 +2,7 @@
 
 The stand-in for an off-the-shelf small LM (Qwen2.5-1.5B in the paper): it knows the language of
 the world (prompts and generic-style answers, through the target's chat template) but has never
-seen an image, nor the target's preferred phrasing. Built by ``massv_vllm.tiny.make_small_lm`` with
+seen an image, nor the target's preferred phrasing. Built by ``massv_vllm.testing.tiny.make_small_lm`` with
 the world tokenizer, so its vocab is the target's minus the padding, as with the real pair.
 
     python -m benchmarks.world.train_lm --world W --tokenizer T --out small_lm/ [--preset small]
@@ -69,7 +69,7 @@ def train_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from massv_vllm.tiny import make_small_lm
+    from massv_vllm.testing.tiny import make_small_lm
 
     world_dir, out = Path(world_dir), Path(out_dir)
     make_small_lm(out, tokenizer_dir, "qwen2_5_vl", seed=seed + 1, **sizes.arch)

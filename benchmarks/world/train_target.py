@@ -1,6 +1,6 @@
 """Train the world's target VLM from scratch: a small ``Qwen2_5_VLForConditionalGeneration``.
 
-The model is built by ``massv_vllm.tiny.make_qwen2_5_vl_target`` (random weights, the world's
+The model is built by ``massv_vllm.testing.tiny.make_qwen2_5_vl_target`` (random weights, the world's
 tokenizer) and trained with a plain PyTorch loop on the ``target_train`` split: prompts through
 the target's own chat template and processor (image placeholders expanded exactly as vLLM does),
 loss on the answer tokens only. Training stops at ``max_steps``, at the time budget, or as soon
@@ -296,7 +296,7 @@ def eval_rows(records: Sequence[Record], outputs: Sequence[str]) -> list[dict[st
 # ---- training -------------------------------------------------------------------------------------
 def build_target(out_dir: Path, tokenizer_dir: Path, arch: dict, window_px: int, seed: int) -> None:
     """Random-init target with the world tokenizer; the vision window set to ``window_px``."""
-    from massv_vllm.tiny import make_qwen2_5_vl_target
+    from massv_vllm.testing.tiny import make_qwen2_5_vl_target
 
     make_qwen2_5_vl_target(out_dir, tokenizer_dir, seed=seed, **arch)
     cfg_path = out_dir / "config.json"

@@ -1,6 +1,6 @@
 """Look inside a running MASSV drafter: what it receives and what it proposes.
 
-Pass ``worker_extension_cls="massv_vllm.debug.DrafterProbe"`` to ``LLM(...)``, then::
+Pass ``worker_extension_cls="massv_vllm.testing.debug.DrafterProbe"`` to ``LLM(...)``, then::
 
     llm.collective_rpc("massv_probe_start")
     llm.generate(...)

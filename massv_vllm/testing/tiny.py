@@ -88,7 +88,7 @@ DEFAULT_CORPUS = [
 
 
 @dataclass(frozen=True)
-class Family:
+class TinyFamily:
     """What differs between the two supported model families when building tiny checkpoints."""
 
     name: str  # "qwen2_5_vl" | "gemma3"
@@ -96,9 +96,9 @@ class Family:
     chat_template: str
 
 
-FAMILIES = {
-    "qwen2_5_vl": Family("qwen2_5_vl", tuple(QWEN_SPECIALS), QWEN_CHAT_TEMPLATE),
-    "gemma3": Family("gemma3", tuple(GEMMA_SPECIALS), GEMMA_CHAT_TEMPLATE),
+TINY_FAMILIES = {
+    "qwen2_5_vl": TinyFamily("qwen2_5_vl", tuple(QWEN_SPECIALS), QWEN_CHAT_TEMPLATE),
+    "gemma3": TinyFamily("gemma3", tuple(GEMMA_SPECIALS), GEMMA_CHAT_TEMPLATE),
 }
 
 
@@ -116,7 +116,7 @@ def train_tokenizer(
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    fam = FAMILIES[family]
+    fam = TINY_FAMILIES[family]
     if family == "qwen2_5_vl":  # byte-level BPE, like Qwen2's tokenizer
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -170,7 +170,7 @@ def _tok_ids(tok_dir: Path) -> dict[str, int]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    specials = {t for fam in FAMILIES.values() for t in fam.specials}
+    specials = {t for fam in TINY_FAMILIES.values() for t in fam.specials}
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials if t in tok.get_vocab()}
     return ids | {"__len__": len(tok)}
 
@@ -482,7 +482,7 @@ def make_small_lm(
         eos = [ids["<eos>"], ids["<end_of_turn>"]]
         bos = ids["<bos>"]
     else:
-        raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(TINY_FAMILIES)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     _save_model(model, out, dtype)

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from massv_vllm.tiny import synthetic_image
+from massv_vllm.testing.tiny import synthetic_image
 
 TEXTS = [
     "Describe the image.",

@@ -1,6 +1,6 @@
 """Small synthetic LLaVA-style data sets (images + captions or instructions) for smoke runs and tests.
 
-    python -m massv_vllm.data.synthetic --out data/tiny --n 32
+    python -m massv_vllm.testing.synthetic --out data/tiny --n 32
 
 writes ``data/tiny/captions.json`` (phase 1), ``data/tiny/instructions.json`` (generation) and the
 images under ``data/tiny/images/``.
@@ -35,7 +35,7 @@ def write_llava_set(
 ) -> Path:
     """Write ``n`` images and a LLaVA JSON file of captions (``kind="caption"``) or instructions
     (``kind="instruction"``, no answers) under ``root``; returns the JSON path."""
-    from massv_vllm.tiny import synthetic_image
+    from massv_vllm.testing.tiny import synthetic_image
 
     if kind not in ("caption", "instruction"):
         raise ValueError(f"kind must be 'caption' or 'instruction', got {kind!r}")

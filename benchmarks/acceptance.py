@@ -45,8 +45,8 @@ from benchmarks.report import (
     run_metadata,
     write_json,
 )
-from massv_vllm.data.records import DataError, ReadStats, Record, load_image, read_records
 from massv_vllm.metrics import SpecCounters, latency_summary, speedup, sum_counters
+from massv_vllm.training.data.records import DataError, ReadStats, Record, load_image, read_records
 
 NONE = "none"
 ALL = "all"  # the pseudo-task aggregating every task
@@ -193,8 +193,8 @@ def run_mode(
     """Start one engine for ``mode`` and run every (temperature, task); raw results per request."""
     from tqdm import tqdm
 
-    from massv_vllm.data.records import openai_messages
     from massv_vllm.engine import make_llm, massv_spec, shutdown
+    from massv_vllm.training.data.records import openai_messages
 
     spec = None if mode.drafter is None else massv_spec(mode.drafter, gamma)
     kw = {"max_num_seqs": max(batch_size, 1)} | dict(engine_kw or {})

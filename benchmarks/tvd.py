@@ -50,8 +50,8 @@ from benchmarks.report import (
     run_metadata,
     write_json,
 )
-from massv_vllm.data.records import ReadStats, hf_messages
 from massv_vllm.metrics import distribution_summary, probs_from_logits, top1_agreement, tvd
+from massv_vllm.training.data.records import ReadStats, hf_messages
 
 RESPONSE_SOURCES = ("reference", "token_ids", "generate")
 RESULTS_VERSION = 1
@@ -85,9 +85,9 @@ class Scorer:
     def __init__(self, target: str | Path, drafters: dict[str, str], device: str, dtype: torch.dtype):
         from transformers import AutoModelForImageTextToText
 
-        from massv_vllm.modeling import MassvDrafter
         from massv_vllm.serving.checks import check_pair
-        from massv_vllm.target_features import TargetEncoder
+        from massv_vllm.training.modeling import MassvDrafter
+        from massv_vllm.training.target_features import TargetEncoder
 
         self.device = torch.device(device)
         # TargetEncoder without its own vision copy: its image_features run on the full target's
@@ -111,7 +111,7 @@ class Scorer:
     @property
     def end_id(self) -> int:
         if self._end_id is None:
-            from massv_vllm.data.samples import end_of_turn_id
+            from massv_vllm.training.data.samples import end_of_turn_id
 
             self._end_id = end_of_turn_id(self.encoder)
         return self._end_id

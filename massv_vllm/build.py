@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from massv_vllm.families import family_of_base, family_of_target
-from massv_vllm.modeling import MassvDrafter
 from massv_vllm.provenance import write_provenance
 from massv_vllm.serving.checks import compare_tokenizers, load_base_config, target_config_from_dir
 from massv_vllm.serving.config import MassvConfig, MassvConfigError, ProjectorConfig, TargetInfo
+from massv_vllm.training.modeling import MassvDrafter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

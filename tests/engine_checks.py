@@ -113,8 +113,8 @@ def train_image_aware_drafter(tiny, out_dir, max_steps: int = 300, text: str = "
     Served by vLLM, its first draft then tells whether vLLM fed it the same image features as
     training did. Returns (drafter folder, {colour: token id}).
     """
-    from massv_vllm.modeling import MassvDrafter
-    from massv_vllm.target_features import TargetEncoder
+    from massv_vllm.training.modeling import MassvDrafter
+    from massv_vllm.training.target_features import TargetEncoder
 
     torch.manual_seed(0)
     enc = TargetEncoder(tiny.target)

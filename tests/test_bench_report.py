@@ -22,8 +22,8 @@ from benchmarks.report import (
     run_metadata,
     write_json,
 )
-from massv_vllm.data.records import DataError, ReadStats
 from massv_vllm.testing.tiny import synthetic_image
+from massv_vllm.training.data.records import DataError, ReadStats
 
 
 def _assert_png(path):

@@ -109,8 +109,8 @@ def test_pipeline_values_match_an_independent_computation(tiny_qwen, tmp_path):
     at the response positions only: recomputed here by hand for one record."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from massv_vllm.modeling import MassvDrafter
-    from massv_vllm.target_features import TargetEncoder
+    from massv_vllm.training.modeling import MassvDrafter
+    from massv_vllm.training.target_features import TargetEncoder
 
     ev = _eval(tmp_path, n=1)
     doc_dir = tmp_path / "o"

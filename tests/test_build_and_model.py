@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 
 from massv_vllm.build import build_drafter
-from massv_vllm.modeling import MassvDrafter, merge_image_embeds
 from massv_vllm.serving.checks import check_pair, target_config_from_dir
 from massv_vllm.serving.config import MassvConfigError
+from massv_vllm.training.modeling import MassvDrafter, merge_image_embeds
 
 
 def _small_vocab(path) -> int:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from massv_vllm.metrics import SpecCounters
-from massv_vllm.target_features import TargetEncoder
 from massv_vllm.testing.lossless import greedy, prompt_suite
 from massv_vllm.testing.tiny import synthetic_image
+from massv_vllm.training.target_features import TargetEncoder
 from tests.engine_checks import (
     GAMMA,
     MAX_TOKENS,

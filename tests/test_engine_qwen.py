@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from massv_vllm.metrics import SpecCounters
-from massv_vllm.target_features import TargetEncoder
 from massv_vllm.testing.lossless import greedy, prompt_suite
+from massv_vllm.training.target_features import TargetEncoder
 from tests.engine_checks import (
     ENGINE_KW,
     GAMMA,

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from massv_vllm.data.feature_cache import FeatureCache, image_key
-from massv_vllm.data.records import load_image, read_records
-from massv_vllm.data.samples import SampleBuilder
-from massv_vllm.target_features import TargetEncoder
 from massv_vllm.testing.synthetic import write_llava_set
-from massv_vllm.training import Dist, FeatureSource, prepare_samples
+from massv_vllm.training.data.feature_cache import FeatureCache, image_key
+from massv_vllm.training.data.records import load_image, read_records
+from massv_vllm.training.data.samples import SampleBuilder
+from massv_vllm.training.distributed import Dist
+from massv_vllm.training.prepare import FeatureSource, prepare_samples
+from massv_vllm.training.target_features import TargetEncoder
 
 CPU = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from massv_vllm.data.generation import (
+from massv_vllm.testing.synthetic import write_llava_set
+from massv_vllm.training.data.records import ReadStats, read_llava
+from massv_vllm.training.generation import (
     DEFAULT_SCHEDULE,
     GenerationError,
     ShardStore,
@@ -17,8 +19,6 @@ from massv_vllm.data.generation import (
     parse_schedule,
     sampling_for,
 )
-from massv_vllm.data.records import ReadStats, read_llava
-from massv_vllm.testing.synthetic import write_llava_set
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.mark.engine
 def test_generate_resumes_without_duplicates(llm, tiny_qwen, prompts, tmp_path):
-    from massv_vllm.data.samples import RESPONSE_TOKEN_IDS, SampleBuilder
-    from massv_vllm.target_features import TargetEncoder
+    from massv_vllm.training.data.samples import RESPONSE_TOKEN_IDS, SampleBuilder
+    from massv_vllm.training.target_features import TargetEncoder
 
     out = tmp_path / "gen"
     first = generate(_args(tiny_qwen, prompts, out, "--responses-per-prompt", "2", "--limit", "3"), llm)
@@ -103,9 +103,9 @@ def test_text_only_mode(llm, tiny_qwen, prompts, tmp_path):
 def test_hf_dataset_images_are_saved_beside_the_data(llm, tiny_qwen, tmp_path):
     import datasets
 
-    from massv_vllm.data.feature_cache import image_key
-    from massv_vllm.data.records import load_image
     from massv_vllm.testing.tiny import synthetic_image
+    from massv_vllm.training.data.feature_cache import image_key
+    from massv_vllm.training.data.records import load_image
 
     imgs = [synthetic_image(i, (56, 56)) for i in range(2)]
     ds = datasets.Dataset.from_dict(

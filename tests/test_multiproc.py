@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from massv_vllm.training import read_log
+from massv_vllm.training.loop import read_log
 from tests.test_training import _generated_jsonl
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from massv_vllm.data import generation
-from massv_vllm.training import PRETRAIN, SDVIT, build_parser, load_recipe, parse_args_with_recipe
+from massv_vllm.training import generation
+from massv_vllm.training.recipes import PRETRAIN, SDVIT, build_parser, load_recipe, parse_args_with_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "train" / "recipes").glob("*.json"))
@@ -91,7 +91,7 @@ def test_bad_recipes_are_refused_with_the_offending_key(tmp_path, capsys):
 
 
 def test_configs_are_valid_deepspeed_json():
-    from massv_vllm.training import deepspeed_config
+    from massv_vllm.training.trainer import deepspeed_config
 
     stages = {}
     for p in sorted((ROOT / "train" / "configs").glob("zero*.json")):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from massv_vllm.data.records import DataError, ReadStats, read_sources, safe_join
+from massv_vllm.training.data.records import DataError, ReadStats, read_sources, safe_join
 
 
 def test_safe_join_refuses_every_way_out(tmp_path):

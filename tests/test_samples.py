@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
-from massv_vllm.data.feature_cache import image_key
-from massv_vllm.data.records import ReadStats, Record, hf_messages, load_image, read_records
-from massv_vllm.data.samples import (
+from massv_vllm.testing.synthetic import CAPTIONS, write_llava_set
+from massv_vllm.testing.tiny import synthetic_image
+from massv_vllm.training.data.feature_cache import image_key
+from massv_vllm.training.data.records import ReadStats, Record, hf_messages, load_image, read_records
+from massv_vllm.training.data.samples import (
     IGNORE,
     RESPONSE_TOKEN_IDS,
     SampleBuilder,
@@ -17,9 +19,7 @@ from massv_vllm.data.samples import (
     end_of_turn_id,
     strip_images,
 )
-from massv_vllm.target_features import TargetEncoder
-from massv_vllm.testing.synthetic import CAPTIONS, write_llava_set
-from massv_vllm.testing.tiny import synthetic_image
+from massv_vllm.training.target_features import TargetEncoder
 
 
 @pytest.fixture(scope="module")

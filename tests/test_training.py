@@ -10,16 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from massv_vllm.testing.synthetic import write_llava_set
-from massv_vllm.training import (
-    PRETRAIN,
-    SDVIT,
-    SampleStream,
-    TrainingError,
-    build_parser,
-    deepspeed_config,
-    read_log,
-    train,
-)
+from massv_vllm.training.loop import read_log
+from massv_vllm.training.recipes import PRETRAIN, SDVIT, TrainingError, build_parser
+from massv_vllm.training.schedule import SampleStream
+from massv_vllm.training.trainer import deepspeed_config, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "train" / "configs"
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from benchmarks.world import generate_world as gw
-from massv_vllm.data.records import ReadStats, read_llava
+from massv_vllm.training.data.records import ReadStats, read_llava
 
 
 def _scenes(n: int, seed: int = 0) -> list[gw.Scene]:

@@ -12,7 +12,7 @@ import torch
 from benchmarks.world import generate_world as gw
 from benchmarks.world import train_target as tt
 from benchmarks.world.sizes import SMALL
-from massv_vllm.data.records import hf_messages, load_image
+from massv_vllm.training.data.records import hf_messages, load_image
 
 
 @pytest.fixture(scope="module", autouse=True)

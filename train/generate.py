@@ -5,10 +5,10 @@
         --image-root llava_instruct/images --out runs/generated
 
 Resumable: rerun the same command after a crash. ``--text-only`` drops the images (data for
-text-only drafters). All logic lives in ``massv_vllm.data.generation``; ``--help`` lists options.
+text-only drafters). All logic lives in ``massv_vllm.training.generation``; ``--help`` lists options.
 """
 
-from massv_vllm.data.generation import main
+from massv_vllm.training.generation import main
 
 if __name__ == "__main__":  # vLLM starts worker processes: keep the entry point guarded
     main()

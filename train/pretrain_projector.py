@@ -5,10 +5,11 @@
         --drafter drafters/untrained --target Qwen2.5-VL-7B-Instruct \\
         --data llava_pretrain/blip_laion_cc_sbu_558k.json --image-root llava_pretrain/images --out runs/phase1
 
-All logic lives in ``massv_vllm.training``; ``--help`` lists the options.
+All logic lives in ``massv_vllm.training.trainer``; ``--help`` lists the options.
 """
 
-from massv_vllm.training import PRETRAIN, main
+from massv_vllm.training.recipes import PRETRAIN
+from massv_vllm.training.trainer import main
 
 if __name__ == "__main__":
     main(PRETRAIN)

@@ -5,10 +5,11 @@
         --drafter runs/phase1/drafter --target Qwen2.5-VL-7B-Instruct \\
         --data runs/generated/generated.jsonl --out runs/phase2
 
-All logic lives in ``massv_vllm.training``; ``--help`` lists the options.
+All logic lives in ``massv_vllm.training.trainer``; ``--help`` lists the options.
 """
 
-from massv_vllm.training import SDVIT, main
+from massv_vllm.training.recipes import SDVIT
+from massv_vllm.training.trainer import main
 
 if __name__ == "__main__":
     main(SDVIT)

@@ -17,7 +17,7 @@ Answers come in two *styles* over the same templates and synonyms:
   preference; SDViT (training the drafter on the target's outputs) can pick it up, the generic
   phase-1 drafter cannot. That gap is what the ablation measures.
 
-Data files are LLaVA-style JSON (``massv_vllm.data.records.read_llava`` reads them) with a ``task``
+Data files are LLaVA-style JSON (``massv_vllm.training.data.records.read_llava`` reads them) with a ``task``
 key and the scene in extra keys (``objects``, ``width``, ``height``, ``question``, ``expected``), so
 any answer can be checked with ``score_answer``. Everything is deterministic in ``seed``: each
 image gets its own RNG from (seed, split, index), independent of worker count.

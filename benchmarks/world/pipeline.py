@@ -210,7 +210,7 @@ def _trim_training(s: dict[str, Any]) -> dict[str, Any]:
 
 def stage_drafters(run: Run) -> dict[str, Any]:
     from massv_vllm.build import build_drafter
-    from massv_vllm.modeling import MassvDrafter
+    from massv_vllm.training.modeling import MassvDrafter
 
     out = {}
     for name, text_only in (("massv-init", False), ("text-only", True)):

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from benchmarks.world.generate_world import load_split, score_answer
-from massv_vllm.data.records import Record, hf_messages, load_image, parse_llava
+from massv_vllm.training.data.records import Record, hf_messages, load_image, parse_llava
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after the tokenizer ran
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from massv_vllm.data.records import IMAGE_MARK, DataError, ReadStats, Record, hf_messages, load_image
+from massv_vllm.training.data.records import IMAGE_MARK, DataError, ReadStats, Record, hf_messages, load_image
 
 IGNORE = -100
 RESPONSE_TEXT = "text"  # phase 1: tokenize the record's response (caption) + end-of-turn token
@@ -121,7 +121,7 @@ class SampleBuilder:
         if len(ids) > self.max_len:
             self.stats.skip("too long")
             return None
-        from massv_vllm.data.feature_cache import image_key
+        from massv_vllm.training.data.feature_cache import image_key
 
         sample = Sample(
             index=index,

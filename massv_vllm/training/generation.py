@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from massv_vllm.data.records import (
+from massv_vllm.training.data.records import (
     DataError,
     ReadStats,
     Record,
@@ -42,7 +42,7 @@ from massv_vllm.data.records import (
     openai_messages,
     read_sources,
 )
-from massv_vllm.data.samples import skip_reason, strip_images
+from massv_vllm.training.data.samples import skip_reason, strip_images
 
 DEFAULT_SCHEDULE = "0.0:1.0,0.3:0.9,0.7:0.95,1.0:1.0"
 OUTPUT = "generated.jsonl"
@@ -210,7 +210,7 @@ def _prompt_turns(record: Record) -> list[tuple[str, str]]:
 
 def _image_paths(record: Record, images: list[Any], image_root: Path, out: Path) -> list[str]:
     """Image paths relative to the generated data's image root (HF images are saved under out/images)."""
-    from massv_vllm.data.feature_cache import image_key
+    from massv_vllm.training.data.feature_cache import image_key
 
     paths = []
     for src, img in zip(record.images, images):
@@ -398,7 +398,7 @@ def _chat(llm: Any, msgs: list[Any], params: list[Any], stats: ReadStats) -> lis
 
 
 def main(argv: list[str] | None = None) -> None:
-    from massv_vllm.training import TrainingError, parse_args_with_recipe
+    from massv_vllm.training.recipes import TrainingError, parse_args_with_recipe
 
     args = parse_args_with_recipe(build_parser(), "generate", argv)
     try:

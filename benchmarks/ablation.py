@@ -12,20 +12,14 @@ with each drafter's mean TVD and top-1 agreement beside it, and writes ``ablatio
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.acceptance import (
-    ALL,
-    NONE,
-    add_eval_args,
-    hf_columns_from,
-    parse_engine_args,
-    run_acceptance,
-)
+from benchmarks import cli
+from benchmarks.acceptance import ALL, NONE, run_acceptance
 from benchmarks.acceptance import format_report as acceptance_report
+from benchmarks.evalset import add_eval_args, hf_columns_from
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -39,6 +33,7 @@ from benchmarks.report import (
     write_json,
 )
 from benchmarks.tvd import RESPONSE_SOURCES, add_drafters_arg, parse_named_paths, run_tvd
+from massv_vllm.engine import parse_engine_args
 
 RESULTS_VERSION = 1
 
@@ -240,7 +235,7 @@ def run_ablation(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     add_eval_args(p)
     add_drafters_arg(p)
     p.add_argument("--gamma", type=int, default=5)
@@ -250,33 +245,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-tvd", action="store_true", help="skip the TVD diagnostic")
     p.add_argument("--tvd-responses", choices=RESPONSE_SOURCES, default="reference")
     p.add_argument("--tvd-limit", type=int, default=None, help="TVD records per task (default: --limit)")
-    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    cli.add_engine_arg(p, help=None)
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    doc = run_ablation(
+    return cli.run_main(
+        run_ablation,
+        a,
         a.target,
         a.eval,
         parse_named_paths(a.drafters),
         a.out,
-        gamma=a.gamma,
-        temperatures=a.temperatures,
-        batch_size=a.batch_size,
-        max_tokens=a.max_tokens,
-        image_root=a.image_root,
-        limit=a.limit,
+        module="benchmarks.ablation",
+        argv=argv,
+        report=format_ablation,
+        results="ablation.json",
         tvd=not a.no_tvd,
-        tvd_responses=a.tvd_responses,
-        tvd_limit=a.tvd_limit,
-        tasks=a.tasks,
         engine_kw=parse_engine_args(a.engine_arg),
         hf_columns=hf_columns_from(a),
-        fresh=a.fresh,
-        argv=["-m", "benchmarks.ablation", *(sys.argv[1:] if argv is None else argv)],
     )
-    print(format_ablation(doc))
-    print(f"\nwrote {Path(a.out) / 'ablation.json'}")
-    return doc
 
 
 if __name__ == "__main__":

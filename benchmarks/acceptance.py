@@ -21,7 +21,6 @@ per-request data); a rerun with the same settings reuses finished modes instead 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -31,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import cli
+from benchmarks.evalset import EvalItem, add_eval_args, hf_columns_from, load_eval_set
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -45,16 +46,16 @@ from benchmarks.report import (
     run_metadata,
     write_json,
 )
+from massv_vllm.engine import parse_engine_args
 from massv_vllm.metrics import SpecCounters, latency_summary, speedup, sum_counters
-from massv_vllm.training.data.records import DataError, ReadStats, Record, load_image, read_records
+from massv_vllm.training.data.records import ReadStats
 
 NONE = "none"
 ALL = "all"  # the pseudo-task aggregating every task
-UNLABELLED = "unlabelled"  # task of records without one
 RESULTS_VERSION = 1
 
 
-# ---- modes and eval set ---------------------------------------------------------------------------
+# ---- modes ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -93,55 +94,6 @@ def parse_modes(specs: list[str]) -> list[Mode]:
     if not modes:
         raise ValueError("no modes given")
     return modes
-
-
-@dataclass
-class EvalItem:
-    record: Record
-    images: list[Any]  # PIL images, loaded once
-
-    @property
-    def task(self) -> str:
-        return self.record.task or UNLABELLED
-
-
-def load_eval_set(
-    path: str | Path,
-    image_root: str | Path | None = None,
-    limit: int | None = None,
-    tasks: list[str] | None = None,
-    stats: ReadStats | None = None,
-    **hf_columns: Any,
-) -> dict[str, list[EvalItem]]:
-    """Eval records grouped by task (``limit``: at most that many per task), images loaded.
-
-    Samples that are malformed or whose images cannot be read are skipped and counted in ``stats``.
-    """
-    stats = stats if stats is not None else ReadStats()
-    by_task: dict[str, list[EvalItem]] = {}
-    seen_ids: set[str] = set()
-    for rec in read_records(path, image_root, stats, **hf_columns):
-        task = rec.task or UNLABELLED
-        if tasks and task not in tasks:
-            continue
-        if limit is not None and len(by_task.get(task, [])) >= limit:
-            continue
-        if rec.id in seen_ids:  # ids key the exactness check and resume: they must be unique
-            stats.kept -= 1
-            stats.skip("duplicate id")
-            continue
-        try:
-            images = [load_image(src) for src in rec.images]
-        except DataError:
-            stats.kept -= 1
-            stats.skip("unreadable image")
-            continue
-        seen_ids.add(rec.id)
-        by_task.setdefault(task, []).append(EvalItem(rec, images))
-    if not by_task:
-        want = f" with tasks {tasks}" if tasks else ""
-        raise DataError(f"{path}: no usable eval records{want} ({stats.summary()})")
-    return dict(sorted(by_task.items()))
 
 
 # ---- running one mode ---------------------------------------------------------------------------
@@ -645,60 +597,8 @@ def run_acceptance(
     return doc
 
 
-def parse_engine_args(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs for ``LLM(...)``; VALUE is parsed as JSON when it is valid JSON."""
-    kw: dict[str, Any] = {}
-    for it in items:
-        k, sep, v = it.partition("=")
-        if not sep or not k:
-            raise ValueError(f"--engine-arg {it!r}: expected KEY=VALUE")
-        try:
-            kw[k] = json.loads(v)
-        except json.JSONDecodeError:
-            kw[k] = v
-    return kw
-
-
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True, help="target VLM folder")
-    p.add_argument(
-        "--eval",
-        "--data",
-        dest="eval",
-        required=True,
-        help="eval set: LLaVA-style JSON/JSONL or a datasets folder/parquet",
-    )
-    p.add_argument(
-        "--image-root", default=None, help="image folder for LLaVA paths (default: the JSON's folder)"
-    )
-    p.add_argument("--limit", type=int, default=None, help="at most this many records per task")
-    p.add_argument("--tasks", nargs="*", default=None, help="only these tasks")
-    g = p.add_argument_group("datasets columns (non-JSON eval sets)")
-    g.add_argument("--image-column", default="image")
-    g.add_argument("--prompt-column", default="prompt")
-    g.add_argument("--response-column", default="response")
-    g.add_argument("--task-column", default=None)
-    g.add_argument("--id-column", default=None)
-    g.add_argument("--split", default="train")
-
-
-def hf_columns_from(a: argparse.Namespace) -> dict[str, Any]:
-    from pathlib import Path as _P
-
-    if _P(a.eval).suffix in (".json", ".jsonl"):
-        return {}
-    return {
-        "image_column": a.image_column,
-        "prompt_column": a.prompt_column,
-        "response_column": a.response_column,
-        "task_column": a.task_column,
-        "id_column": a.id_column,
-        "split": a.split,
-    }
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     add_eval_args(p)
     p.add_argument("--modes", nargs="+", required=True, help="'none' and/or NAME=DRAFTER_FOLDER ...")
     p.add_argument("--gamma", type=int, default=5, help="draft tokens per step (num_speculative_tokens)")
@@ -707,34 +607,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
-    p.add_argument(
-        "--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="extra LLM(...) argument"
-    )
+    cli.add_engine_arg(p, help="extra LLM(...) argument")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fresh", action="store_true", help="rerun modes even if finished results exist")
     a = p.parse_args(argv)
-    doc = run_acceptance(
+    return cli.run_main(
+        run_acceptance,
+        a,
         a.target,
         a.eval,
         a.modes,
         a.out,
-        gamma=a.gamma,
-        temperatures=a.temperatures,
-        batch_size=a.batch_size,
-        max_tokens=a.max_tokens,
-        image_root=a.image_root,
-        limit=a.limit,
-        tasks=a.tasks,
-        seed=a.seed,
-        ignore_eos=a.ignore_eos,
+        module="benchmarks.acceptance",
+        argv=argv,
+        report=format_report,
+        results="results.json",
         engine_kw=parse_engine_args(a.engine_arg),
-        fresh=a.fresh,
         hf_columns=hf_columns_from(a),
-        argv=["-m", "benchmarks.acceptance", *(sys.argv[1:] if argv is None else argv)],
     )
-    print(format_report(doc))
-    print(f"\nwrote {Path(a.out) / 'results.json'}")
-    return doc
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,9 @@ from typing import Any
 
 import aiohttp
 
-from massv_vllm.metrics import SpecCounters
+from benchmarks import cli
+from massv_vllm.engine import parse_engine_args
+from massv_vllm.metrics import SpecCounters, percentile, prometheus_sum
 
 IMAGE_SIZES = [(28, 28), (64, 48), (100, 60), (56, 300), (160, 224), (224, 160), (300, 200), (448, 448)]
 QUESTIONS = [
@@ -264,15 +265,6 @@ async def run_load(
         return list(results), time.perf_counter() - t0
 
 
-def prom_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus metric's samples whose labels include ``labels``."""
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+([0-9.eE+-]+)$", text, re.M):
-        if all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
-
-
 async def _get(url: str, timeout: float = 10.0) -> tuple[int, str]:
     """(status, text); (0, "") when the server does not answer."""
     try:
@@ -285,22 +277,13 @@ async def _get(url: str, timeout: float = 10.0) -> tuple[int, str]:
         return 0, ""
 
 
-def percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
-
-
 async def wait_idle(url: str, timeout: float = 60.0) -> bool:
     """True once the server reports no running or waiting request (cancelled streams were aborted)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status, text = await _get(url + "/metrics")
-        if (
-            status == 200
-            and prom_sum(text, "vllm:num_requests_running") + prom_sum(text, "vllm:num_requests_waiting") == 0
-        ):
+        busy = sum(prometheus_sum(text, f"vllm:num_requests_{s}") for s in ("running", "waiting"))
+        if status == 200 and busy == 0:
             return True
         await asyncio.sleep(0.5)
     return False
@@ -317,9 +300,13 @@ async def measure(
     idle = await wait_idle(url)
     _, m1 = await _get(url + "/metrics")
     spec = SpecCounters.from_prometheus(m1) - SpecCounters.from_prometheus(m0)
-    generated = prom_sum(m1, "vllm:generation_tokens_total") - prom_sum(m0, "vllm:generation_tokens_total")
+
+    def grown(name: str) -> float:
+        return prometheus_sum(m1, name) - prometheus_sum(m0, name)
+
+    generated = grown("vllm:generation_tokens_total")
     # vLLM counts only requests that finish in the engine; client aborts never reach the counter.
-    finished = prom_sum(m1, "vllm:request_success_total") - prom_sum(m0, "vllm:request_success_total")
+    finished = grown("vllm:request_success_total")
     health, _ = await _get(url + "/health")
     probe = next((r for r in reqs if r.checked and not r.stream), reqs[0])
     after, _ = await run_load(url, model, [probe], 1, timeout)
@@ -342,9 +329,9 @@ async def measure(
         "errors": [asdict(x) | {"tokens": None, "top2": None} for x in results if x.error][:10],
         "wall_s": wall,
         "requests_per_s": len(done) / wall if wall > 0 else None,
-        "latency_p50_s": percentile(lat, 50),
-        "latency_p99_s": percentile(lat, 99),
-        "ttft_p50_s": percentile(ttft, 50),
+        "latency_p50_s": percentile(lat, 50) if lat else None,
+        "latency_p99_s": percentile(lat, 99) if lat else None,
+        "ttft_p50_s": percentile(ttft, 50) if ttft else None,
         "output_tokens_per_s": sum(x.completion_tokens for x in done) / wall if wall > 0 else None,
         "drained": idle,
         "healthy_after": health == 200 and after[0].status == 200 and after[0].error is None,
@@ -442,19 +429,8 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
         print(" ".join(f"{c:>10}" for c in cells))
 
 
-def parse_engine_args(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for it in items:
-        key, _, val = it.partition("=")
-        try:
-            out[key.replace("-", "_")] = json.loads(val)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = val
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__)
     src = ap.add_argument_group("server (either start them or point at one)")
     src.add_argument("--target", help="target model folder: start a no-speculation reference server")
     src.add_argument("--drafter", help="MASSV drafter folder: then start a MASSV server and compare")
@@ -464,12 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--reference", help="reference answers JSON to compare --url's answers with")
     src.add_argument("--save-reference", help="write --url's answers here (reference file)")
     src.add_argument("--max-model-len", type=int, default=4096)
-    src.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra engine argument for started servers (JSON value), e.g. max_num_seqs=256",
+    cli.add_engine_arg(
+        src, help="extra engine argument for started servers (JSON value), e.g. max_num_seqs=256"
     )
     src.add_argument("--log-dir", default=None, help="server logs (default: temp files)")
     wl = ap.add_argument_group("workload")

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.acceptance import EvalItem, add_eval_args, hf_columns_from, load_eval_set
+from benchmarks import cli
+from benchmarks.evalset import EvalItem, add_eval_args, hf_columns_from, load_eval_set
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -418,7 +419,7 @@ def add_drafters_arg(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     add_eval_args(p)
     add_drafters_arg(p)
     p.add_argument("--responses", choices=RESPONSE_SOURCES, default="reference")
@@ -432,27 +433,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", required=True)
     p.add_argument("--fresh", action="store_true", help="ignore finished records of an earlier run")
     a = p.parse_args(argv)
-    doc = run_tvd(
+    return cli.run_main(
+        run_tvd,
+        a,
         a.target,
         a.eval,
         parse_named_paths(a.drafters),
         a.out,
-        responses=a.responses,
-        responses_file=a.responses_file,
-        max_new_tokens=a.max_new_tokens,
-        image_root=a.image_root,
-        limit=a.limit,
-        tasks=a.tasks,
-        device=a.device,
-        dtype=a.dtype,
-        bins=a.bins,
-        fresh=a.fresh,
+        module="benchmarks.tvd",
+        argv=argv,
+        report=format_report,
+        results="tvd.json",
         hf_columns=hf_columns_from(a),
-        argv=["-m", "benchmarks.tvd", *(sys.argv[1:] if argv is None else argv)],
     )
-    print(format_report(doc))
-    print(f"\nwrote {Path(a.out) / 'tvd.json'}")
-    return doc
 
 
 if __name__ == "__main__":

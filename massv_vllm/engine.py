@@ -4,10 +4,12 @@ Used by the tests, the benchmarks and the training data generator, so all of the
 the same way. On a machine without a GPU (vLLM's CPU backend) it applies what that backend needs:
 eager mode, a bounded KV cache (``gpu_memory_utilization`` means a share of RAM there) and
 16-token blocks (Gemma3's hybrid layout otherwise picks a block size the CPU kernels reject).
+``parse_engine_args`` reads the command lines' extra engine arguments (``--engine-arg KEY=VALUE``).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -41,6 +43,24 @@ def engine_kwargs(
     if not on_gpu():
         kw.update(enforce_eager=True, kv_cache_memory_bytes=512 << 20, block_size=16)
     kw.update(overrides)
+    return kw
+
+
+def parse_engine_args(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (``--engine-arg``) as ``LLM(...)`` / ``engine_kwargs`` keyword arguments.
+
+    VALUE is parsed as JSON when it is valid JSON (numbers, booleans, objects), else kept as a
+    string; dashes in KEY become underscores (``max-num-seqs`` = ``max_num_seqs``).
+    """
+    kw: dict[str, Any] = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise ValueError(f"--engine-arg {it!r}: expected KEY=VALUE")
+        try:
+            kw[k.replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            kw[k.replace("-", "_")] = v
     return kw
 
 

@@ -8,7 +8,8 @@ here is computed from the *difference* of two snapshots taken around the measure
     MAL (mean accepted length) = 1 + Δaccepted / Δdrafts
     acceptance at draft position i = Δaccepted_per_pos[i] / Δdrafts
 
-exactly the formula vLLM logs itself (vllm/v1/spec_decode/metrics.py).
+exactly the formula vLLM logs itself (vllm/v1/spec_decode/metrics.py). Below them: the Prometheus
+text parser (``/metrics``) and the benchmark maths (percentiles, summaries, speed-ups, TVD).
 """
 
 from __future__ import annotations
@@ -18,6 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PREFIX = "vllm:spec_decode_"
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def prometheus_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of metric ``name`` in Prometheus text format (``/metrics``)."""
+    out = []
+    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+([0-9.eE+-]+)$", text, re.M):
+        out.append((dict(_LABEL.findall(m.group(1) or "")), float(m.group(2))))
+    return out
+
+
+def prometheus_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of metric ``name`` whose labels include ``labels`` (0.0 if none)."""
+    samples = prometheus_samples(text, name)
+    return sum((v for lab, v in samples if all(lab.get(k) == x for k, x in labels.items())), 0.0)
 
 
 @dataclass(frozen=True)
@@ -54,25 +70,15 @@ class SpecCounters:
 
     @classmethod
     def from_prometheus(cls, text: str) -> SpecCounters:
-        """From a vLLM server's ``/metrics`` text (names end in ``_total``)."""
-        vals: dict[str, float] = {}
+        """From a vLLM server's ``/metrics`` text (names end in ``_total``); sums engines."""
         per_pos: dict[int, float] = {}
-        for line in text.splitlines():
-            if not line.startswith(PREFIX):
-                continue
-            m = re.match(r"^vllm:spec_decode_(\w+?)_total(\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
-            if not m:
-                continue
-            key, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
-            if key == "num_accepted_tokens_per_pos":
-                pos = int(re.search(r'position="(\d+)"', labels).group(1))
-                per_pos[pos] = per_pos.get(pos, 0) + value
-            else:
-                vals[key] = vals.get(key, 0) + value
+        for labels, value in prometheus_samples(text, PREFIX + "num_accepted_tokens_per_pos_total"):
+            pos = int(labels["position"])
+            per_pos[pos] = per_pos.get(pos, 0) + value
         return cls(
-            num_drafts=int(vals.get("num_drafts", 0)),
-            num_draft_tokens=int(vals.get("num_draft_tokens", 0)),
-            num_accepted_tokens=int(vals.get("num_accepted_tokens", 0)),
+            num_drafts=int(prometheus_sum(text, PREFIX + "num_drafts_total")),
+            num_draft_tokens=int(prometheus_sum(text, PREFIX + "num_draft_tokens_total")),
+            num_accepted_tokens=int(prometheus_sum(text, PREFIX + "num_accepted_tokens_total")),
             accepted_per_pos=tuple(int(per_pos[i]) for i in sorted(per_pos)),
         )
 

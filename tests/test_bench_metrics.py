@@ -14,6 +14,7 @@ from massv_vllm.metrics import (
     latency_summary,
     percentile,
     probs_from_logits,
+    prometheus_sum,
     speedup,
     speedup_ceiling,
     sum_counters,
@@ -53,6 +54,14 @@ def test_prometheus_parsing_sums_engines_and_positions():
     assert c.mean_accepted_length == pytest.approx(1 + 75 / 50)
     assert c.acceptance_per_position == pytest.approx([0.8, 0.46, 0.24])
     assert c.draft_acceptance_rate == pytest.approx(0.5)
+
+
+def test_prometheus_sum_filters_by_labels():
+    assert prometheus_sum(PROMETHEUS_TEXT, "vllm:spec_decode_num_drafts_total") == 50.0
+    assert prometheus_sum(PROMETHEUS_TEXT, "vllm:spec_decode_num_drafts_total", engine="1") == 10.0
+    per_pos = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+    assert prometheus_sum(PROMETHEUS_TEXT, per_pos, position="1") == 23.0
+    assert prometheus_sum(PROMETHEUS_TEXT, "vllm:num_requests_running") == 0.0  # absent: nothing to sum
 
 
 def test_mal_and_per_position_acceptance_come_from_snapshot_deltas():

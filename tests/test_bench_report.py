@@ -7,7 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from benchmarks.acceptance import UNLABELLED, load_eval_set, parse_engine_args, parse_modes
+from benchmarks.acceptance import parse_modes
+from benchmarks.evalset import UNLABELLED, load_eval_set
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -22,6 +23,7 @@ from benchmarks.report import (
     run_metadata,
     write_json,
 )
+from massv_vllm.engine import parse_engine_args
 from massv_vllm.testing.tiny import synthetic_image
 from massv_vllm.training.data.records import DataError, ReadStats
 
@@ -163,6 +165,7 @@ def test_mode_and_engine_arg_parsing(tiny_qwen, tmp_path):
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_engine_args(["oops"])
+    assert parse_engine_args(["max-num-seqs=8"]) == {"max_num_seqs": 8}  # flag spelling works too
 
 
 def test_eval_set_from_a_datasets_folder(tmp_path):

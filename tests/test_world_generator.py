@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from benchmarks.world import generate_world as gw
+from benchmarks.world.sizes import WorldCounts
 from massv_vllm.training.data.records import ReadStats, read_llava
 
 
@@ -141,7 +142,7 @@ def test_phrasings_vary_and_the_target_style_has_a_preference(task):
 
 
 def test_written_splits_are_llava_files_deterministic_in_the_seed(tmp_path):
-    counts = gw.WorldCounts(target_train=4, captions=3, instructions=5, eval_per_task=2, val=3, lm_texts=10)
+    counts = WorldCounts(target_train=4, captions=3, instructions=5, eval_per_task=2, val=3, lm_texts=10)
     meta = gw.generate_world(tmp_path / "a", counts, seed=5, workers=1)
     assert meta["records"] == {"target_train": 24, "captions": 3, "instructions": 5, "eval": 10, "val": 3}
     gw.generate_world(tmp_path / "b", counts, seed=5, workers=1)

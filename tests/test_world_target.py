@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.world import generate_world as gw
 from benchmarks.world import train_target as tt
-from benchmarks.world.sizes import SMALL
+from benchmarks.world.sizes import SMALL, WorldCounts
 from massv_vllm.training.data.records import hf_messages, load_image
 
 
@@ -29,7 +29,7 @@ def world(tmp_path_factory):
     from massv_vllm.testing.tiny import train_tokenizer
 
     root = tmp_path_factory.mktemp("world")
-    counts = gw.WorldCounts(target_train=6, captions=1, instructions=1, eval_per_task=1, val=4, lm_texts=4)
+    counts = WorldCounts(target_train=6, captions=1, instructions=1, eval_per_task=1, val=4, lm_texts=4)
     gw.generate_world(root / "world", counts, seed=0, workers=1)
     train_tokenizer(root / "tok", "qwen2_5_vl", gw.tokenizer_corpus(60), 512)
     tt.build_target(root / "target", root / "tok", SMALL.target.arch, window_px=448, seed=0)

@@ -6,11 +6,12 @@ on CPU; without a GPU it says so and runs ``--small``. ``summary --out DIR`` rep
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
+
+from benchmarks import cli
 
 
 def _list(s: str) -> list[str]:
@@ -23,11 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from benchmarks.world.pipeline import STAGES, StageError, format_summary, run_pipeline
 
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.world",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser(__doc__, prog="python -m benchmarks.world")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run (or resume) the pipeline")
     r.add_argument("--out", required=True, help="run folder (stages done there are skipped)")

@@ -27,7 +27,6 @@ image gets its own RNG from (seed, split, index), independent of worker count.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -37,6 +36,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks import cli
+from benchmarks.world.sizes import PRESETS, WorldCounts
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -574,16 +576,6 @@ def tokenizer_corpus(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-@dataclass(frozen=True)
-class WorldCounts:
-    target_train: int
-    captions: int
-    instructions: int
-    eval_per_task: int
-    val: int
-    lm_texts: int
-
-
 def generate_world(
     out_dir: str | Path, counts: WorldCounts, seed: int = 0, workers: int | None = None
 ) -> dict:
@@ -620,9 +612,7 @@ def load_split(world_dir: str | Path, name: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.world.sizes import PRESETS
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from benchmarks.world.generate_world import WorldCounts
+
+@dataclass(frozen=True)
+class WorldCounts:
+    """Records per split of the generated world (``generate_world.generate_world``)."""
+
+    target_train: int
+    captions: int
+    instructions: int
+    eval_per_task: int
+    val: int
+    lm_texts: int
 
 
 @dataclass(frozen=True)

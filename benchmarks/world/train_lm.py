@@ -10,7 +10,6 @@ the world tokenizer, so its vocab is the target's minus the padding, as with the
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import cli
 from benchmarks.world.generate_world import lm_texts
 from benchmarks.world.train_target import DTYPES, device_and_autocast, log, lr_at
 
@@ -142,7 +142,7 @@ def train_lm(
 def main(argv: list[str] | None = None) -> None:
     from benchmarks.world.sizes import PRESETS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--world", required=True)
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)

@@ -22,10 +22,8 @@ to ``train_summary.json``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
-import math
 import os
 import time
 import types
@@ -37,8 +35,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from benchmarks import cli
 from benchmarks.world.generate_world import load_split, score_answer
 from massv_vllm.training.data.records import Record, hf_messages, load_image, parse_llava
+from massv_vllm.training.schedule import SampleStream, cosine_lr_factor
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after the tokenizer ran
 
@@ -196,35 +196,26 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
 
 
 class StepBatches(Sampler[list[int]]):
-    """Batches for steps ``start..total``: a seeded permutation per epoch, so a resumed run sees
-    exactly the samples it would have seen without the interruption."""
+    """Batches for steps ``start..total`` from the trainers' seeded sample stream
+    (``massv_vllm.training.schedule.SampleStream``), so a resumed run sees exactly the samples it
+    would have seen without the interruption."""
 
     def __init__(self, n: int, batch_size: int, start_step: int, total_steps: int, seed: int = 0):
-        self.n, self.bs, self.start, self.total, self.seed = n, batch_size, start_step, total_steps, seed
-        self._perms: dict[int, list[int]] = {}
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
-        return self._perms[epoch]
+        self.bs, self.start, self.total = batch_size, start_step, total_steps
+        self.stream = SampleStream(n, seed)
 
     def __len__(self) -> int:
         return max(0, self.total - self.start)
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.total):
-            pos = step * self.bs
-            yield [self._perm(p // self.n)[p % self.n] for p in range(pos, pos + self.bs)]
+            yield self.stream.take(step * self.bs, self.bs)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, time_fraction: float = 0.0) -> float:
-    """Linear warm-up, then cosine decay to 10% of ``base`` at ``total`` steps or at the end of the
-    time budget (``time_fraction`` = elapsed / budget), whichever comes first."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    """The world trainers' rate: linear warm-up, then cosine decay to 10% of ``base`` at ``total``
+    steps or at the end of the time budget (``time_fraction`` = elapsed / budget), whichever first."""
+    return base * cosine_lr_factor(step, warmup, total, min_ratio=0.1, min_progress=time_fraction)
 
 
 # ---- generation and scoring ----------------------------------------------------------------------
@@ -576,7 +567,7 @@ def train_target(
 def main(argv: list[str] | None = None) -> None:
     from benchmarks.world.sizes import PRESETS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--world", required=True, help="world folder (generate_world output)")
     p.add_argument("--tokenizer", required=True, help="world tokenizer folder")
     p.add_argument("--out", required=True)

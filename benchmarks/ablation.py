@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cli
-from benchmarks.acceptance import ALL, NONE, run_acceptance
+from benchmarks.acceptance import ALL, NONE, add_decoding_args, run_acceptance
 from benchmarks.acceptance import format_report as acceptance_report
 from benchmarks.evalset import add_eval_args, hf_columns_from
 from benchmarks.report import (
@@ -33,6 +33,7 @@ from benchmarks.report import (
     write_json,
 )
 from benchmarks.tvd import RESPONSE_SOURCES, add_drafters_arg, parse_named_paths, run_tvd
+from benchmarks.tvd import overall as tvd_overall
 from massv_vllm.engine import parse_engine_args
 
 RESULTS_VERSION = 1
@@ -177,17 +178,7 @@ def run_ablation(
             progress=progress,
         )
     tasks, table = build_table(acc, list(drafters))
-    tvd_summary = None
-    if tvd_doc is not None:
-        tvd_summary = {
-            n: {
-                "mean": (s["all"]["tvd"] or {}).get("mean"),
-                "median": (s["all"]["tvd"] or {}).get("median"),
-                "top1_agreement": s["all"]["top1_agreement"],
-                "num_tokens": s["all"]["num_tokens"],
-            }
-            for n, s in tvd_doc["summary"].items()
-        }
+    tvd_summary = None if tvd_doc is None else tvd_overall(tvd_doc)
     ex = acc["exactness"]
     doc = {
         "version": RESULTS_VERSION,
@@ -238,10 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = cli.parser(__doc__)
     add_eval_args(p)
     add_drafters_arg(p)
-    p.add_argument("--gamma", type=int, default=5)
-    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=256)
+    add_decoding_args(p)
     p.add_argument("--no-tvd", action="store_true", help="skip the TVD diagnostic")
     p.add_argument("--tvd-responses", choices=RESPONSE_SOURCES, default="reference")
     p.add_argument("--tvd-limit", type=int, default=None, help="TVD records per task (default: --limit)")

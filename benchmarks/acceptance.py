@@ -21,6 +21,7 @@ per-request data); a rerun with the same settings reuses finished modes instead 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -597,14 +598,19 @@ def run_acceptance(
     return doc
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = cli.parser(__doc__)
-    add_eval_args(p)
-    p.add_argument("--modes", nargs="+", required=True, help="'none' and/or NAME=DRAFTER_FOLDER ...")
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """How the engines decode (``run_acceptance`` keywords): γ, temperatures, batch size, max tokens."""
     p.add_argument("--gamma", type=int, default=5, help="draft tokens per step (num_speculative_tokens)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--batch-size", type=int, default=1, help="requests submitted at a time (1: latency)")
     p.add_argument("--max-tokens", type=int, default=256)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = cli.parser(__doc__)
+    add_eval_args(p)
+    p.add_argument("--modes", nargs="+", required=True, help="'none' and/or NAME=DRAFTER_FOLDER ...")
+    add_decoding_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     cli.add_engine_arg(p, help="extra LLM(...) argument")

@@ -470,16 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.drafter and not args.target:
         ap.error("--drafter needs --target")
 
-    reqs = build_requests(
-        args.requests,
-        args.cancel,
-        max_images=args.max_images,
-        max_tokens=args.max_tokens,
-        cancel_max_tokens=args.cancel_max_tokens,
-        sampled_fraction=args.sampled_fraction,
-        logprobs=not args.no_logprobs,
-        seed=args.seed,
-    )
+    reqs = cli.forward(build_requests, args, args.requests, args.cancel, logprobs=not args.no_logprobs)
     fp = fingerprint(reqs)
     report: dict[str, Any] = {"config": vars(args), "fingerprint": fp, "runs": {}}
     all_checks: dict[str, bool] = {}

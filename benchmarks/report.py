@@ -166,9 +166,13 @@ def fmt(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:
-    """A plain fixed-width table (first column left-aligned, the rest right-aligned)."""
-    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, digits: int = 2
+) -> str:
+    """A plain fixed-width table (first column left-aligned, the rest right-aligned); cells that are
+    not strings go through ``fmt(cell, digits)``."""
+    cells = [[str(h) for h in headers]]
+    cells += [[c if isinstance(c, str) else fmt(c, digits) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(r: list[str]) -> str:

@@ -194,7 +194,23 @@ def summarise(lines: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     return out
 
 
+def overall(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per drafter, the all-tasks figures of a ``tvd.json`` document: mean and median TVD, top-1
+    agreement and the number of tokens scored."""
+    return {
+        n: {
+            "mean": (v["all"]["tvd"] or {}).get("mean"),
+            "median": (v["all"]["tvd"] or {}).get("median"),
+            "top1_agreement": v["all"]["top1_agreement"],
+            "num_tokens": v["all"]["num_tokens"],
+        }
+        for n, v in doc["summary"].items()
+    }
+
+
 STATS_SCHEMA = {"mean": NUM, "median": NUM, "p10": NUM, "p25": NUM, "p75": NUM, "p90": NUM}
+
+
 SCHEMA = {
     "version": int,
     "meta": META_SCHEMA,

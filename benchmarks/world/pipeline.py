@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import fmt, format_table
 from benchmarks.world.sizes import PRESETS, WorldSizes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -387,7 +388,7 @@ def _vllm_greedy_accuracy(run: Run, mode_file: Path) -> dict[str, dict[str, Any]
 def stage_tvd(run: Run) -> dict[str, Any]:
     """TVD between each drafter and the target along the target's own greedy answers (transformers)."""
     require_script("tvd", "benchmarks/tvd.py")
-    from benchmarks.tvd import run_tvd
+    from benchmarks.tvd import overall, run_tvd
 
     d = run.sizes.drafter
     doc = run_tvd(
@@ -401,15 +402,7 @@ def stage_tvd(run: Run) -> dict[str, Any]:
         progress=False,
     )
     return {
-        "summary": {
-            n: {
-                "mean": (v["all"]["tvd"] or {}).get("mean"),
-                "median": (v["all"]["tvd"] or {}).get("median"),
-                "top1_agreement": v["all"]["top1_agreement"],
-                "num_tokens": v["all"]["num_tokens"],
-            }
-            for n, v in doc["summary"].items()
-        },
+        "summary": overall(doc),
         "histogram": str(run.p("tvd/tvd_hist.png")),
     }
 
@@ -559,29 +552,12 @@ def build_summary(run: Run, why: str, ran: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[_fmt(c) for c in r] for r in rows]
-    w = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w[i]) for i, h in enumerate(headers))
-    return "\n".join(
-        [line, "-" * len(line), *("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in cells)]
-    )
-
-
 def format_summary(s: dict[str, Any]) -> str:
     parts = [f"== synthetic world: {s['preset']} ({s['why']}) =="]
     parts.append(
-        _table(
+        format_table(
             ["stage", "status", "seconds"],
-            [[k, v["status"], _fmt(v["seconds"], 1)] for k, v in s["stages"].items()],
+            [[k, v["status"], fmt(v["seconds"], 1)] for k, v in s["stages"].items()],
         )
     )
     parts.append(f"total stage time: {s['total_seconds']:.1f}s")
@@ -595,7 +571,7 @@ def format_summary(s: dict[str, Any]) -> str:
         parts.append(
             f"target: {t['parameters'] / 1e6:.1f}M params, {t['steps']} steps ({t['stop_reason']}), "
             f"loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}; attribute accuracy "
-            f"{_fmt(t['attribute_accuracy'])} (chance {t['chance_attribute_accuracy']:.3f})"
+            f"{fmt(t['attribute_accuracy'], 3)} (chance {t['chance_attribute_accuracy']:.3f})"
         )
         vllm_acc = (r.get("ablation") or {}).get("target_vllm_greedy_accuracy") or {}
         gen_acc = (r.get("generate") or {}).get("accuracy_greedy") or {}
@@ -612,7 +588,7 @@ def format_summary(s: dict[str, Any]) -> str:
         parts.append(
             "target accuracy, recomputed from its own answers (eval split: transformers greedy, vLLM greedy;\n"
             "instruction split: vLLM greedy responses of the generate stage)\n"
-            + _table(["task", "n", "eval (HF)", "eval (vLLM)", "instructions (vLLM)"], rows)
+            + format_table(["task", "n", "eval (HF)", "eval (vLLM)", "instructions (vLLM)"], rows, digits=3)
         )
     if r.get("small_lm"):
         t = r["small_lm"]
@@ -634,12 +610,13 @@ def format_summary(s: dict[str, Any]) -> str:
         parts.append(
             "TVD (drafter vs target, along the target's greedy answers; histogram: "
             f"{r['tvd']['histogram']})\n"
-            + _table(
+            + format_table(
                 ["drafter", "mean TVD", "median", "top-1 agreement", "tokens"],
                 [
                     [n, v["mean"], v["median"], v["top1_agreement"], v["num_tokens"]]
                     for n, v in r["tvd"]["summary"].items()
                 ],
+                digits=3,
             )
         )
     return "\n\n".join(parts)
@@ -650,13 +627,13 @@ def format_ablation(res: dict[str, Any]) -> str:
     out = []
     for temp, rows in res["table"].items():
         body = [
-            [d] + [f"{_fmt(c[k]['mal'], 2)} / {_fmt(c[k]['speedup'], 2)}x" for k in res["tasks"]]
+            [d] + [f"{fmt(c[k]['mal'], 2)} / {fmt(c[k]['speedup'], 2)}x" for k in res["tasks"]]
             for d, c in rows.items()
         ]
         out.append(
             f"ablation {temp}, gamma={res['gamma']}: MAL / speed-up over no speculation "
             "(speed-up is launch-bound on models this small: read MAL)\n"
-            + _table(["drafter", *res["tasks"]], body)
+            + format_table(["drafter", *res["tasks"]], body)
         )
     ex = res.get("exactness") or {}
     if ex.get("checked"):

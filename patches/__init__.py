@@ -1,9 +1,14 @@
-"""Every change massv-vllm makes to vLLM internals, one module per patched vLLM class.
+"""Every change massv-vllm makes to vLLM internals, one module per patched vLLM area.
 
-All patches target vLLM 0.26.0 exactly (``TARGET_VLLM``); ``apply_all`` refuses any other version.
-Each patch replaces named methods on the vLLM class object itself (so ``isinstance`` checks do not
+All patches target vLLM 0.26.0 exactly (``TARGET_VLLM``); ``apply_all`` refuses any other version,
+and each replaced method's signature is checked against the one the patch was written for. Each
+patch replaces named methods on the vLLM class object itself (so ``isinstance`` checks do not
 matter), logs what it replaced, and refuses to patch a method twice. ``apply_all`` is idempotent:
 the vLLM plugin calls it once per process.
+
+Each patch has a switch (an environment variable, ``patches/envs.py``) and a scope: MASSV
+engines only, except the M-RoPE position fix (any draft model of an M-RoPE target). Outside its
+scope a patched method calls vLLM's original at once.
 
 Each module names the vLLM module holding its class (``VLLM_MODULE``). A patch is applied at once
 if that module is already imported, otherwise right after its first import (a post-import hook),
@@ -12,6 +17,7 @@ so the API-server process never imports worker-only modules just to patch them.
 | module                   | vLLM class (file in vLLM 0.26.0)                               |
 |--------------------------|----------------------------------------------------------------|
 | engine_args              | EngineArgs (vllm/engine/arg_utils.py)                          |
+| speculative_config       | SpeculativeConfig (vllm/config/speculative.py)                 |
 | draft_model_proposer     | DraftModelProposer (vllm/v1/spec_decode/draft_model.py)        |
 | gpu_model_runner         | GPUModelRunner (vllm/v1/worker/gpu_model_runner.py)            |
 | cpu_model_runner         | CPUModelRunner (vllm/v1/worker/cpu_model_runner.py), CPU only  |
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -35,6 +42,7 @@ logger = logging.getLogger("vllm.massv_vllm.patches")
 
 PATCH_MODULES = (
     "engine_args",
+    "speculative_config",
     "draft_model_proposer",
     "gpu_model_runner",
     "cpu_model_runner",
@@ -61,13 +69,28 @@ def check_vllm_version() -> str:
     return vllm.__version__
 
 
-def replace_method(cls: type, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    """Set ``cls.name = make(original)``; refuse if massv-vllm already replaced it."""
+def replace_method(
+    cls: type,
+    name: str,
+    make: Callable[[Callable[..., Any]], Callable[..., Any]],
+    expect: tuple[str, ...] | None = None,
+) -> None:
+    """Set ``cls.name = make(original)``; refuse if massv-vllm already replaced it.
+
+    ``expect`` lists the parameter names (``self`` first) of the vLLM method the patch was written
+    for; a different signature means another vLLM build, and the patch refuses to apply."""
     original = cls.__dict__.get(name)
     if original is None:
         original = getattr(cls, name)  # inherited: wrap the base implementation
     if getattr(original, _MARK, False):
         raise PatchError(f"{cls.__qualname__}.{name} is already patched by massv-vllm")
+    if expect is not None:
+        found = tuple(inspect.signature(original).parameters)
+        if found != expect:
+            raise PatchError(
+                f"{cls.__module__}.{cls.__qualname__}.{name} has parameters {found}, but the massv-vllm "
+                f"patch was written for {expect} (vLLM {TARGET_VLLM}); this vLLM build differs"
+            )
     new = make(original)
     new.__name__ = name
     new.__qualname__ = f"{cls.__qualname__}.{name}"
@@ -78,6 +101,29 @@ def replace_method(cls: type, name: str, make: Callable[[Callable[..., Any]], Ca
     where = f"{cls.__module__}.{cls.__qualname__}.{name}"
     _applied.append(where)
     logger.info("massv-vllm: patched %s", where)
+
+
+def bind(original: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """All arguments of a call to ``original`` by name (positional ones included), defaults filled."""
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def drafter_architecture(vllm_config: Any) -> str | None:
+    """The draft model's architecture of a ``draft_model`` engine, else None."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None or spec.method != "draft_model" or spec.draft_model_config is None:
+        return None
+    archs = getattr(spec.draft_model_config.hf_config, "architectures", None) or [None]
+    return archs[0]
+
+
+def is_massv_engine(vllm_config: Any) -> bool:
+    """Whether this engine drafts with a MASSV drafter (the scope of most patches)."""
+    from massv_vllm.families import DRAFTER_ARCHITECTURES
+
+    return drafter_architecture(vllm_config) in DRAFTER_ARCHITECTURES
 
 
 def is_patched(cls: type, name: str) -> bool:
@@ -124,15 +170,19 @@ _started = False
 
 
 def apply_all() -> list[str]:
-    """Apply (or schedule, see the module docstring) every patch once; later calls are no-ops.
-
-    Returns the patches applied so far."""
+    """Apply (or schedule, see the module docstring) every switched-on patch once; later calls are
+    no-ops. Returns the patches applied so far."""
     global _started
     if _started:
         return list(_applied)
     check_vllm_version()
+    from massv_vllm.patches.envs import SWITCHES
+
     for name in PATCH_MODULES:
         mod = importlib.import_module(f"{__name__}.{name}")
+        if not any(SWITCHES[env].enabled() for env in mod.SWITCHES):
+            logger.info("massv-vllm: patch %s is switched off (%s=0)", name, "/".join(mod.SWITCHES))
+            continue
         if mod.VLLM_MODULE in sys.modules:
             mod.apply()
         else:

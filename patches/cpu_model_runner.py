@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from massv_vllm.patches import replace_method
+from massv_vllm.patches import is_massv_engine, replace_method
+from massv_vllm.patches.envs import switch
 
 
 def expand_kernel_impl(
@@ -36,6 +37,7 @@ def expand_kernel_impl(
 
 
 VLLM_MODULE = "vllm.v1.worker.cpu_model_runner"  # applied when this vLLM module is imported
+SWITCHES = ("MASSV_PATCH_CPU_REJECTION_SAMPLER",)
 
 
 def apply() -> None:
@@ -49,6 +51,8 @@ def apply() -> None:
     def make(original):
         def _postprocess_triton(self):
             original(self)
+            if not (is_massv_engine(self.vllm_config) or switch(SWITCHES[0]).always()):
+                return
             import vllm.v1.sample.rejection_sampler as rejection_sampler
 
             # Only where the stock C++ fallback was installed (not with a Triton-CPU backend).
@@ -57,4 +61,4 @@ def apply() -> None:
 
         return _postprocess_triton
 
-    replace_method(CPUModelRunner, "_postprocess_triton", make)
+    replace_method(CPUModelRunner, "_postprocess_triton", make, expect=("self",))

@@ -1,4 +1,5 @@
-"""DraftModelProposer (vllm/v1/spec_decode/draft_model.py, vLLM 0.26.0): positions and image mask.
+"""DraftModelProposer (vllm/v1/spec_decode/draft_model.py, vLLM 0.26.0): positions, image mask,
+and the fast draft loop.
 
 Two bugs of the stock ``draft_model`` path are fixed here (see docs/vllm-integration-notes.md):
 
@@ -13,7 +14,10 @@ Two bugs of the stock ``draft_model`` path are fixed here (see docs/vllm-integra
    target's token layout (after the companion patch in gpu_model_runner.py; stock: shifted by
    one, EAGLE-style). The draft_model input layout puts request r's tokens at
    ``query_start[r] + r`` (each request gains one bonus slot), so the mask is re-laid out on the
-   CPU (no device sync) before the drafter's ``embed_input_ids`` sees it.
+   CPU (no device sync) before the drafter's ``embed_input_ids`` sees it. MASSV drafters only.
+
+And for MASSV drafters, draft steps 2..γ run as full CUDA graphs (``MASSV_FAST_DRAFT``,
+patches/_draft_loop.py). Switches and scopes: patches/envs.py.
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ from __future__ import annotations
 import logging
 
 import torch
-
-from massv_vllm.patches import replace_method
 
 logger = logging.getLogger("vllm.massv_vllm.patches")
 
@@ -48,68 +50,139 @@ def to_draft_layout(
 
 
 VLLM_MODULE = "vllm.v1.spec_decode.draft_model"  # applied when this vLLM module is imported
+SWITCHES = ("MASSV_PATCH_DRAFT_POSITIONS", "MASSV_PATCH_DRAFT_IMAGES", "MASSV_FAST_DRAFT")
+PROPOSE_PARAMS = (
+    "self",
+    "num_speculative_tokens",
+    "target_token_ids",
+    "target_positions",
+    "target_hidden_states",
+    "next_token_ids",
+    "token_indices_to_sample",
+    "common_attn_metadata",
+    "sampling_metadata",
+    "mm_embed_inputs",
+    "num_rejected_tokens_gpu",
+    "slot_mappings",
+)
+
+
+def fast_propose(self, loop, kw: dict) -> torch.Tensor:
+    """vLLM's ``propose`` for a draft model, with steps 2..γ run by ``loop`` (patches/_draft_loop.py).
+
+    The first pass is vLLM's own code, method for method (llm_base_proposer.propose, vLLM 0.26.0)."""
+    from vllm.forward_context import set_forward_context
+
+    cad = kw["common_attn_metadata"]
+    num_rejected = kw["num_rejected_tokens_gpu"]
+    self.num_speculative_tokens = kw["num_speculative_tokens"]
+    self._last_draft_probs = None
+    num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
+        target_token_ids=kw["target_token_ids"],
+        next_token_ids=kw["next_token_ids"],
+        target_positions=kw["target_positions"],
+        target_hidden_states=kw["target_hidden_states"],
+        token_indices_to_sample=kw["token_indices_to_sample"],
+        cad=cad,
+        num_rejected_tokens_gpu=num_rejected,
+    )
+    _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
+    mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
+    model_kwargs, slot_mapping_size = self.build_model_inputs_first_pass(
+        num_tokens, num_input_tokens, kw["mm_embed_inputs"]
+    )
+    with set_forward_context(
+        per_layer,
+        self.vllm_config,
+        num_tokens=num_input_tokens,
+        num_tokens_across_dp=across_dp,
+        cudagraph_runtime_mode=mode,
+        slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping),
+    ):
+        hidden_states = self.model(**model_kwargs)
+    first = self._greedy_sample(hidden_states[token_indices_to_sample])
+    positions = self.positions[token_indices_to_sample]
+    seq_lens = cad.seq_lens if num_rejected is None else cad.seq_lens - num_rejected
+    return loop.draft(
+        first, positions, seq_lens, cad.block_table_tensor, cad.max_seq_len, self.num_speculative_tokens
+    )
 
 
 def apply() -> None:
     from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
+    from massv_vllm.patches import bind, is_massv_engine, replace_method
+    from massv_vllm.patches._draft_loop import DraftDecodeLoop
+    from massv_vllm.patches.envs import switch
+
+    fix_positions = switch("MASSV_PATCH_DRAFT_POSITIONS").enabled()
+    pass_images = switch("MASSV_PATCH_DRAFT_IMAGES").enabled()
+    fast_draft = switch("MASSV_FAST_DRAFT").enabled()
+
     def make_init(original):
         def __init__(self, vllm_config, device, runner=None):
             original(self, vllm_config, device, runner)
+            self._massv = is_massv_engine(vllm_config)
             # The base class does not keep the runner; the position fix needs its buffers.
             self._massv_runner = runner
-            self._massv_fix_positions = bool(vllm_config.model_config.uses_mrope and not self.uses_mrope)
+            # Scope: any draft model of an M-RoPE target (the text-only baseline needs it too).
+            self._massv_fix_positions = bool(
+                fix_positions and vllm_config.model_config.uses_mrope and not self.uses_mrope
+            )
+            self._massv_images = pass_images and self._massv
+            self._massv_loop = None  # set by load_model
             if self._massv_fix_positions and runner is None:
                 raise RuntimeError("massv-vllm: DraftModelProposer needs the runner for M-RoPE targets")
 
         return __init__
 
+    def make_load_model(original):
+        def load_model(self, target_model):
+            original(self, target_model)
+            if fast_draft and self._massv:
+                self._massv_loop = DraftDecodeLoop(self)
+
+        return load_model
+
     def make_propose(original):
         def propose(self, *args, **kwargs):
-            if args:  # the runner passes keywords; accept positional calls too
-                names = (
-                    "num_speculative_tokens",
-                    "target_token_ids",
-                    "target_positions",
-                    "target_hidden_states",
-                    "next_token_ids",
-                    "token_indices_to_sample",
-                    "common_attn_metadata",
-                    "sampling_metadata",
-                    "mm_embed_inputs",
-                    "num_rejected_tokens_gpu",
-                    "slot_mappings",
-                )
-                kwargs.update(zip(names, args))
+            kw = bind(original, self, *args, **kwargs)
+            del kw["self"]
             if self._massv_fix_positions:
-                n = kwargs["target_token_ids"].shape[0]
-                kwargs["target_positions"] = self._massv_runner.positions[:n]
-            mm = kwargs.get("mm_embed_inputs")
-            if mm is not None and len(mm[0]) > 0:
-                kwargs["mm_embed_inputs"] = (
-                    mm[0],
-                    to_draft_layout(
-                        mm[1],
-                        kwargs["common_attn_metadata"].query_start_loc_cpu,
-                        self.extra_slots_per_request,
-                    ),
-                )
-            return original(self, **kwargs)
+                n = kw["target_token_ids"].shape[0]
+                kw["target_positions"] = self._massv_runner.positions[:n]
+            mm = kw["mm_embed_inputs"]
+            if self._massv_images and mm is not None and len(mm[0]) > 0:
+                cad = kw["common_attn_metadata"]
+                mask = to_draft_layout(mm[1], cad.query_start_loc_cpu, self.extra_slots_per_request)
+                kw["mm_embed_inputs"] = (mm[0], mask)
+            loop = self._massv_loop
+            batch_size = kw["common_attn_metadata"].batch_size()
+            if loop is not None and loop.handles(
+                kw["num_speculative_tokens"], batch_size, kw["sampling_metadata"]
+            ):
+                return fast_propose(self, loop, kw)
+            return original(self, **kw)
 
         return propose
 
     def make_warn(original):
         def _warn_if_multimodal(self):
-            # Stock text says "Proceeding with text-only speculative decoding", which is no longer
-            # true: images reach drafters that accept them.
+            if not is_massv_engine(self.vllm_config):
+                return original(self)
+            # Stock text says "Proceeding with text-only speculative decoding", which is not true
+            # for MASSV drafters: images reach them.
             if self.supports_mm_inputs:
                 logger.info(
-                    "massv-vllm: draft model with a multimodal target; image embeddings are "
-                    "passed to drafters that accept them (MASSV)"
+                    "massv-vllm: MASSV drafter with a multimodal target; the target's image "
+                    "embeddings are passed to the drafter"
                 )
 
         return _warn_if_multimodal
 
-    replace_method(DraftModelProposer, "__init__", make_init)
-    replace_method(DraftModelProposer, "propose", make_propose)
-    replace_method(DraftModelProposer, "_warn_if_multimodal", make_warn)
+    replace_method(
+        DraftModelProposer, "__init__", make_init, expect=("self", "vllm_config", "device", "runner")
+    )
+    replace_method(DraftModelProposer, "load_model", make_load_model, expect=("self", "target_model"))
+    replace_method(DraftModelProposer, "propose", make_propose, expect=PROPOSE_PARAMS)
+    replace_method(DraftModelProposer, "_warn_if_multimodal", make_warn, expect=("self",))

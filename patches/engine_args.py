@@ -21,13 +21,18 @@ METHOD = "massv"
 
 def resolve_massv(args: Any, target_model_config: Any) -> None:
     """Validate a massv/draft_model speculative config on ``args`` and rewrite the alias in place."""
+    from massv_vllm.patches.envs import set_massv_active
     from massv_vllm.serving.checks import check_pair
     from massv_vllm.serving.config import MassvConfigError, is_massv_folder
 
     spec = dict(args.speculative_config or {})
     method = spec.get("method", args.spec_method)
     model = spec.get("model", args.spec_model)
-    if method != METHOD and not (method == "draft_model" and model and is_massv_folder(model)):
+    massv = method == METHOD or (method == "draft_model" and bool(model) and is_massv_folder(model))
+    # Engine processes started from here inherit the flag: the request-handling patches act in
+    # MASSV servers only (patches/envs.py). A later non-MASSV engine in this process clears it.
+    set_massv_active(massv)
+    if not massv:
         return
     if not model:
         raise MassvConfigError(
@@ -66,6 +71,7 @@ def _check_lengths(info: Any, target_model_config: Any) -> None:
 
 
 VLLM_MODULE = "vllm.engine.arg_utils"  # applied when this vLLM module is imported
+SWITCHES = ("MASSV_PATCH_ALIAS",)
 
 
 def apply() -> None:
@@ -78,4 +84,9 @@ def apply() -> None:
 
         return create_speculative_config
 
-    replace_method(EngineArgs, "create_speculative_config", make)
+    replace_method(
+        EngineArgs,
+        "create_speculative_config",
+        make,
+        expect=("self", "target_model_config", "target_parallel_config"),
+    )

@@ -13,8 +13,10 @@ PIL's "cannot identify image file <_io.BytesIO object>". Every other outcome is 
 from __future__ import annotations
 
 from massv_vllm.patches import replace_method
+from massv_vllm.patches.envs import request_patch_applies
 
 VLLM_MODULE = "vllm.multimodal.media.image"  # applied when this vLLM module is imported
+SWITCHES = ("MASSV_PATCH_IMAGE_ERRORS",)
 
 
 def apply() -> None:
@@ -23,6 +25,8 @@ def apply() -> None:
 
     def make(original):
         def load_bytes(self, data: bytes):
+            if not request_patch_applies(SWITCHES[0]):
+                return original(self, data)
             if len(data) == 0:
                 raise ValueError("Failed to load image: the image data is empty (0 bytes)")
             try:
@@ -35,4 +39,4 @@ def apply() -> None:
 
         return load_bytes
 
-    replace_method(ImageMediaIO, "load_bytes", make)
+    replace_method(ImageMediaIO, "load_bytes", make, expect=("self", "data"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from massv_vllm.patches import replace_method
+from massv_vllm.patches.envs import request_patch_applies
 
 PREFIX = "Failed to apply "
 
@@ -40,6 +41,7 @@ def describe_inputs(data: Any) -> str:
 
 
 VLLM_MODULE = "vllm.multimodal.processing.context"  # applied when this vLLM module is imported
+SWITCHES = ("MASSV_PATCH_PROCESSOR_ERRORS",)
 
 
 def apply() -> None:
@@ -51,7 +53,7 @@ def apply() -> None:
                 return original(self, hf_processor, *args, **kwargs)
             except ValueError as e:
                 cause = e.__cause__
-                if cause is None or not str(e).startswith(PREFIX):
+                if cause is None or not str(e).startswith(PREFIX) or not request_patch_applies(SWITCHES[0]):
                     raise
                 data = args[0] if args else kwargs.get("data")
                 raise ValueError(
@@ -61,4 +63,9 @@ def apply() -> None:
 
         return call_hf_processor
 
-    replace_method(InputProcessingContext, "call_hf_processor", make)
+    replace_method(
+        InputProcessingContext,
+        "call_hf_processor",
+        make,
+        expect=("self", "hf_processor", "data", "kwargs", "num_tries", "max_tries"),
+    )

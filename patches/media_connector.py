@@ -10,8 +10,10 @@ what is wrong, not the server, so the same refusal is raised as ``ValueError`` (
 from __future__ import annotations
 
 from massv_vllm.patches import replace_method
+from massv_vllm.patches.envs import request_patch_applies
 
 VLLM_MODULE = "vllm.multimodal.media.connector"  # applied when this vLLM module is imported
+SWITCHES = ("MASSV_PATCH_FILE_URL_ERRORS",)
 
 
 def apply() -> None:
@@ -19,7 +21,7 @@ def apply() -> None:
 
     def make(original):
         def _load_file_url(self, url_spec, media_io):
-            if self.allowed_local_media_path is None:
+            if self.allowed_local_media_path is None and request_patch_applies(SWITCHES[0]):
                 raise ValueError(
                     "Cannot load local files (file:// URLs): this server was started without "
                     "`--allowed-local-media-path`; send the image as a data: or http(s): URL."
@@ -28,4 +30,4 @@ def apply() -> None:
 
         return _load_file_url
 
-    replace_method(MediaConnector, "_load_file_url", make)
+    replace_method(MediaConnector, "_load_file_url", make, expect=("self", "url_spec", "media_io"))

@@ -28,14 +28,21 @@ def test_register_is_idempotent_and_patches_vllm():
 
     register()
     first = patches.applied()
+    originals = {w: _method(w) for w in first}
     register()
-    assert patches.apply_all() == first  # second application is a no-op
+    assert patches.apply_all() == first  # second application is a no-op...
+    assert {w: _method(w) for w in first} == originals  # ...and wrapped nothing a second time
+    for where, method in originals.items():
+        assert not getattr(method.__massv_original__, "__massv_patch__", False), where
     assert {
         "vllm.engine.arg_utils.EngineArgs.create_speculative_config",
+        "vllm.config.speculative.SpeculativeConfig.compute_hash",
         "vllm.v1.spec_decode.draft_model.DraftModelProposer.__init__",
+        "vllm.v1.spec_decode.draft_model.DraftModelProposer.load_model",
         "vllm.v1.spec_decode.draft_model.DraftModelProposer.propose",
         "vllm.v1.spec_decode.draft_model.DraftModelProposer._warn_if_multimodal",
         "vllm.v1.worker.gpu_model_runner.GPUModelRunner._gather_mm_embeddings",
+        "vllm.v1.worker.gpu_model_runner.GPUModelRunner._capture_cudagraphs",
         "vllm.multimodal.media.image.ImageMediaIO.load_bytes",
     } <= set(first)
     assert patches.is_patched(EngineArgs, "create_speculative_config")
@@ -44,6 +51,126 @@ def test_register_is_idempotent_and_patches_vllm():
     archs = ModelRegistry.get_supported_archs()
     for fam in FAMILIES.values():
         assert fam.drafter_architecture in archs
+
+
+def _method(where: str):
+    import importlib
+
+    module, cls, name = where.rsplit(".", 2)
+    return vars(getattr(importlib.import_module(module), cls))[name]
+
+
+def _fresh_process(code: str, env: dict[str, str] | None = None) -> str:
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_switched_off_patches_leave_vllm_alone():
+    """MASSV_FAST_DRAFT=0 / MASSV_PATCH_DRAFT_IMAGES=0: those methods stay vLLM's own."""
+    code = """
+from massv_vllm.serving.plugin import register
+import massv_vllm.patches as p
+register()
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+print(p.is_patched(GPUModelRunner, "_capture_cudagraphs"), p.is_patched(GPUModelRunner, "_gather_mm_embeddings"),
+      p.is_patched(DraftModelProposer, "propose"))
+"""
+    assert (
+        _fresh_process(code, {"MASSV_FAST_DRAFT": "0", "MASSV_PATCH_DRAFT_IMAGES": "0"}) == "False False True"
+    )
+    off = {
+        "MASSV_FAST_DRAFT": "0",
+        "MASSV_PATCH_DRAFT_IMAGES": "0",
+        "MASSV_PATCH_DRAFT_POSITIONS": "0",
+    }
+    assert _fresh_process(code, off) == "False False False"
+
+
+def test_bad_switch_values_are_refused(monkeypatch):
+    from massv_vllm.patches.envs import switch
+
+    monkeypatch.setenv("MASSV_FAST_DRAFT", "yes please")
+    with pytest.raises(patches.PatchError, match=r"MASSV_FAST_DRAFT='yes please': expected one of 0, 1"):
+        switch("MASSV_FAST_DRAFT").enabled()
+    monkeypatch.setenv("MASSV_FAST_DRAFT", "always")  # only the request-handling fixes widen
+    with pytest.raises(patches.PatchError):
+        switch("MASSV_FAST_DRAFT").enabled()
+
+
+def test_request_patches_act_for_massv_servers_only(monkeypatch):
+    from massv_vllm.patches.envs import ACTIVE_ENV, request_patch_applies
+
+    env = "MASSV_PATCH_IMAGE_ERRORS"
+    monkeypatch.delenv(env, raising=False)
+    monkeypatch.delenv(ACTIVE_ENV, raising=False)
+    assert not request_patch_applies(env)  # a plain vLLM server in the same environment
+    monkeypatch.setenv(ACTIVE_ENV, "1")
+    assert request_patch_applies(env)
+    monkeypatch.setenv(env, "0")
+    assert not request_patch_applies(env)
+    monkeypatch.delenv(ACTIVE_ENV)
+    monkeypatch.setenv(env, "always")
+    assert request_patch_applies(env)
+
+
+def test_patch_scope_follows_the_drafter_architecture():
+    ns = types.SimpleNamespace
+
+    def cfg(method, arch):
+        draft = ns(hf_config=ns(architectures=[arch]))
+        return ns(speculative_config=ns(method=method, draft_model_config=draft))
+
+    assert patches.is_massv_engine(cfg("draft_model", "MassvQwen2DrafterForCausalLM"))
+    assert patches.is_massv_engine(cfg("draft_model", "MassvGemma3DrafterForCausalLM"))
+    assert not patches.is_massv_engine(cfg("draft_model", "Qwen2ForCausalLM"))
+    assert not patches.is_massv_engine(cfg("eagle", "MassvQwen2DrafterForCausalLM"))
+    assert not patches.is_massv_engine(ns(speculative_config=None))
+
+
+def test_changed_signatures_are_refused():
+    class Stand:
+        def propose(self, a, b):
+            return a + b
+
+    with pytest.raises(
+        patches.PatchError, match=r"has parameters \('self', 'a', 'b'\), but .* \('self', 'a'\)"
+    ):
+        patches.replace_method(Stand, "propose", lambda orig: orig, expect=("self", "a"))
+    assert not patches.is_patched(Stand, "propose")
+    assert patches.bind(Stand.propose, "s", 1, b=2) == {"self": "s", "a": 1, "b": 2}
+
+
+def test_massv_drafters_get_their_own_compile_cache():
+    """Two drafters of the same target must not share a torch.compile cache directory (their
+    compiled graphs differ: input_ids vs inputs_embeds); other draft models keep vLLM's key."""
+    from vllm.config.speculative import SpeculativeConfig
+
+    patches.apply_all()
+    ns = types.SimpleNamespace
+
+    def spec(arch, draft_hash):
+        draft = ns(hf_config=ns(architectures=[arch]), compute_hash=lambda: draft_hash)
+        return ns(method="draft_model", draft_model_config=draft)
+
+    h = SpeculativeConfig.compute_hash
+    vllm_key = h.__massv_original__(spec("Qwen2ForCausalLM", "x"))
+    assert h(spec("Qwen2ForCausalLM", "a")) == h(spec("Qwen2ForCausalLM", "b")) == vllm_key
+    massv_a = h(spec("MassvQwen2DrafterForCausalLM", "a"))
+    massv_b = h(spec("MassvQwen2DrafterForCausalLM", "b"))
+    assert len({vllm_key, massv_a, massv_b}) == 3
+    assert massv_a == h(spec("MassvQwen2DrafterForCausalLM", "a"))
 
 
 def test_worker_patches_wait_for_their_module(tmp_path):

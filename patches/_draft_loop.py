@@ -1,0 +1,242 @@
+"""The fast MASSV draft loop (``MASSV_FAST_DRAFT``), used by the draft_model_proposer patch.
+
+vLLM 0.26's ``draft_model`` proposer runs each of the γ-1 draft *decode* steps (one token per
+request) as a PIECEWISE CUDA graph: every drafter layer's attention is launched from Python, and
+the attention metadata is rebuilt in Python per step (``llm_base_proposer.py``,
+``initialize_cudagraph_keys`` allows PIECEWISE only). At Qwen2.5-1.5B shapes that host work is
+several times the GPU work of the step.
+
+This loop runs the same steps with the same arithmetic, but each step's whole forward
+(embedding, drafter, logits, argmax) is one *full* CUDA graph, replayed per step, the way
+vLLM's Model Runner V2 runs EAGLE draft steps. What a full graph needs, and how it is met:
+
+* every tensor the graph reads lives at a fixed address: the proposer's own ``input_ids``,
+  ``positions``, ``inputs_embeds`` and slot-mapping buffers, plus this loop's ``seq_lens``,
+  ``query_start_loc`` and ``block_table`` copies (vLLM's per-step ``seq_lens`` is a fresh
+  tensor);
+* the attention metadata is built per step, outside the graph, by the drafter's own builder
+  with the same call as at capture (``build(..., fast_build=False)``): FlashAttention-3 writes
+  its scheduler metadata into the builder's persistent buffer, as for the target's full graphs;
+* a batch of B requests replays the graph captured for the smallest size n >= B (sizes 1, 2, 4,
+  then multiples of 8 up to ``max_num_seqs``); the n - B padded requests have empty queries,
+  zero sequence length and padding KV slots.
+
+Positions, KV slots and sequence lengths advance with vLLM's own kernel
+(``eagle_step_update_slot_mapping_and_metadata``), exactly as in the stock loop. The first draft
+step (the target's verified tokens plus the bonus token, variable length) is vLLM's own code.
+
+On a machine without CUDA graphs (vLLM's CPU backend, ``enforce_eager``) the loop runs the same
+steps eagerly, so the CPU engine tests cover its arithmetic. Cases it does not handle (sampled
+drafts, parallel drafting, data parallelism, more requests than the largest capture size) go to
+vLLM's own ``propose``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("vllm.massv_vllm.patches")
+
+
+class DraftDecodeLoop:
+    """Draft steps 2..γ of a MASSV drafter (see the module docstring)."""
+
+    def __init__(self, proposer: Any) -> None:
+        from vllm.config import CUDAGraphMode
+        from vllm.platforms import current_platform
+
+        self.p = proposer
+        cfg = proposer.vllm_config
+        cc = cfg.compilation_config
+        self.max_reqs = proposer.max_batch_size
+        self.use_graphs = bool(
+            current_platform.is_cuda_alike()
+            and cc.cudagraph_mode.has_full_cudagraphs()
+            and not cfg.model_config.enforce_eager
+            and not proposer.speculative_config.enforce_eager
+        )
+        # Request counts to capture, vLLM's default pattern (1, 2, 4, then multiples of 8) up to
+        # max_num_seqs. Not the target's capture sizes: a spec-decode engine rounds those to
+        # multiples of γ + 1 tokens, while a draft step has one token per request.
+        top = min(self.max_reqs, cc.max_cudagraph_capture_size or self.max_reqs)
+        self.sizes = sorted({s for s in (1, 2, 4, *range(8, top + 1, 8), top) if s <= top})
+        dev = proposer.device
+        self.seq_lens = torch.zeros(self.max_reqs, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.zeros(self.max_reqs + 1, dtype=torch.int32, device=dev)
+        self.tokens = torch.zeros(self.max_reqs, dtype=torch.int64, device=dev)
+        self.block_table: torch.Tensor | None = None  # allocated at capture (needs the KV layout)
+        self.arange_np = np.arange(self.max_reqs + 1, dtype=np.int32)
+        self.captured = False
+        self.calls = 0  # proposals made (tests check that this loop, not vLLM's, drafted)
+        self.graph = None
+        if self.use_graphs:
+            from vllm.compilation.cuda_graph import CUDAGraphWrapper
+
+            self.graph = CUDAGraphWrapper(self._forward, cfg, CUDAGraphMode.FULL)
+
+    # ---- eligibility ----------------------------------------------------------------------------
+
+    def padded_size(self, batch_size: int) -> int | None:
+        """Tokens the step runs with for ``batch_size`` requests (None: no graph that large)."""
+        if not self.use_graphs:
+            return batch_size
+        for n in self.sizes:
+            if n >= batch_size:
+                return n
+        return None
+
+    def handles(self, num_speculative_tokens: int, batch_size: int, sampling_metadata: Any) -> bool:
+        p = self.p
+        if num_speculative_tokens < 2 or p.parallel_drafting or p.use_heterogeneous_vocab:
+            return False
+        if p._enable_probabilistic_draft_probs and not sampling_metadata.all_greedy:
+            return False
+        if p.eplb_state is not None or p.vllm_config.parallel_config.data_parallel_size > 1:
+            return False
+        if p.constant_draft_positions or p.uses_mrope:
+            return False
+        # Before capture (vLLM's warm-up runs) and beyond the largest graph: vLLM's own loop.
+        return not (self.use_graphs and (not self.captured or self.padded_size(batch_size) is None))
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def _forward(self, n: int) -> torch.Tensor:
+        """One draft decode step over ``n`` (padded) tokens; captured as a full CUDA graph."""
+        p = self.p
+        ids = p.input_ids[:n]
+        if p.supports_mm_inputs:
+            # MASSV drafters embed in Python in the stock loop too (llm_base_proposer.propose).
+            p.inputs_embeds[:n] = p.model.embed_input_ids(ids)
+            hidden = p.model(input_ids=None, positions=p.positions[:n], inputs_embeds=p.inputs_embeds[:n])
+        else:
+            hidden = p.model(input_ids=ids, positions=p.positions[:n], inputs_embeds=None)
+        tokens = p._greedy_sample(hidden)
+        self.tokens[:n] = tokens
+        ids.copy_(tokens)  # the next step's input (int32 buffer)
+        return self.tokens[:n]
+
+    def _attn_metadata(self, n: int, batch_size: int, max_seq_len: int, block_table: torch.Tensor):
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        p = self.p
+        qsl_cpu = torch.from_numpy(np.minimum(self.arange_np[: n + 1], batch_size))
+        cad = CommonAttentionMetadata(
+            query_start_loc=self.query_start_loc[: n + 1],
+            query_start_loc_cpu=qsl_cpu,
+            seq_lens=self.seq_lens[:n],
+            num_reqs=n,
+            num_actual_tokens=n,
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+            block_table_tensor=block_table[:n],
+            slot_mapping=p._slot_mapping_buffer[:n],
+        )
+        per_layer = {}
+        for group in p.draft_attn_groups:
+            md = group.get_metadata_builder().build(common_prefix_len=0, common_attn_metadata=cad)
+            for name in group.layer_names:
+                per_layer[name] = md
+        return per_layer
+
+    def _run(self, n: int, per_layer: dict[str, Any], capture: bool = False) -> torch.Tensor:
+        from vllm.config import CUDAGraphMode
+        from vllm.forward_context import BatchDescriptor, set_forward_context
+
+        p = self.p
+        mode = CUDAGraphMode.FULL if self.use_graphs and (capture or self.captured) else CUDAGraphMode.NONE
+        with set_forward_context(
+            per_layer,
+            p.vllm_config,
+            num_tokens=n,
+            cudagraph_runtime_mode=mode,
+            batch_descriptor=BatchDescriptor(num_tokens=n, num_reqs=n, uniform=True),
+            slot_mapping=p._get_slot_mapping(n),
+        ):
+            return self.graph(n) if self.graph is not None else self._forward(n)
+
+    # ---- capture (GPU runner start-up) ----------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture(self, device_block_table: torch.Tensor) -> None:
+        """Capture one graph per size; called inside vLLM's own capture phase."""
+        from vllm.config import CUDAGraphMode
+        from vllm.forward_context import BatchDescriptor, set_forward_context
+        from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+
+        p = self.p
+        self.block_table = torch.zeros_like(device_block_table)
+        for n in sorted(self.sizes, reverse=True):  # large first: smaller ones reuse the pool
+            self.seq_lens[:n] = 1
+            self.query_start_loc[: n + 1] = torch.arange(n + 1, dtype=torch.int32, device=p.device)
+            p.positions[:n] = 0
+            p.input_ids[:n] = 0
+            p._slot_mapping_buffer[:n] = PADDING_SLOT_ID  # dummy steps write no KV
+            per_layer = self._attn_metadata(n, n, 1, self.block_table)
+            with set_forward_context(
+                per_layer,
+                p.vllm_config,
+                num_tokens=n,
+                cudagraph_runtime_mode=CUDAGraphMode.NONE,
+                batch_descriptor=BatchDescriptor(num_tokens=n, num_reqs=n, uniform=True),
+                slot_mapping=p._get_slot_mapping(n),
+            ):
+                self._forward(n)  # warm-up (lazy initialisation, autotuning) outside the graph
+            self._run(n, per_layer, capture=True)
+        self.captured = True
+        logger.info("massv-vllm: captured full CUDA graphs of the draft decode step for sizes %s", self.sizes)
+
+    # ---- one speculative step -------------------------------------------------------------------
+
+    def draft(
+        self,
+        first_tokens: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        max_seq_len: int,
+        num_speculative_tokens: int,
+    ) -> torch.Tensor:
+        """Draft tokens 2..γ after the first pass; returns all γ, [batch_size, γ].
+
+        ``positions`` are the first draft token's positions, ``seq_lens`` the drafter's sequence
+        lengths after the first pass with rejected tokens removed (as in the stock loop)."""
+        from vllm.v1.spec_decode.utils import eagle_step_update_slot_mapping_and_metadata
+
+        p = self.p
+        b = first_tokens.shape[0]
+        n = self.padded_size(b)
+        assert n is not None
+        self.calls += 1
+        self.seq_lens[:b] = seq_lens[:b]
+        if self.use_graphs:
+            assert self.block_table is not None
+            self.seq_lens[b:n] = 0
+            self.block_table[:b, : block_table.shape[1]] = block_table[:b]
+            torch.clamp(p.arange[: n + 1], max=b, out=self.query_start_loc[: n + 1])
+            table = self.block_table
+        else:
+            self.query_start_loc[: n + 1] = p.arange[: n + 1]
+            table = block_table
+        p.input_ids[:b] = first_tokens
+        out = [first_tokens]
+        pos = positions
+        for _ in range(num_speculative_tokens - 1):
+            eagle_step_update_slot_mapping_and_metadata(
+                positions_1d=pos,
+                block_table_tensor=table[:b],
+                seq_lens=self.seq_lens[:b],
+                block_size=p.block_size,
+                max_model_len=p.max_model_len,
+                out_clamped_positions=p.positions[:b],
+                out_slot_mapping=p._slot_mapping_buffer[:n],
+                input_batch_size=n,
+            )
+            pos = p.positions[:b]
+            max_seq_len = min(max_seq_len + 1, p.max_model_len)
+            tokens = self._run(n, self._attn_metadata(n, b, max_seq_len, table))
+            out.append(tokens[:b].clone())  # the buffer is overwritten by the next step
+        return torch.stack(out, dim=1)

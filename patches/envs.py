@@ -1,0 +1,89 @@
+"""One environment variable per patch (the pattern of ArcticInference's ``envs.py``).
+
+Each switch takes ``1`` (on, the default) or ``0`` (off: the patch is not installed and vLLM's own
+code runs). Every patch also has a *scope*: it acts only on engines that serve a MASSV drafter,
+except the position fix, which serves any ``draft_model`` of an M-RoPE target. ``always`` widens
+the scope of the bad-request and CPU-sampler fixes to every engine of the environment.
+
+| variable | patch | scope |
+|---|---|---|
+| ``MASSV_PATCH_ALIAS`` | ``"method": "massv"`` alias, drafter checks, Gemma3 hybrid-KV setting | MASSV |
+| ``MASSV_PATCH_DRAFT_POSITIONS`` | 1-D draft positions for M-RoPE targets | any draft model of an M-RoPE target |
+| ``MASSV_PATCH_DRAFT_IMAGES`` | image embeddings reach the drafter (window, layout, log line) | MASSV |
+| ``MASSV_FAST_DRAFT`` | draft decode steps as full CUDA graphs (eager loop on CPU) | MASSV |
+| ``MASSV_PATCH_COMPILE_CACHE_KEY`` | the drafter is part of the torch.compile cache key | MASSV |
+| ``MASSV_PATCH_CPU_REJECTION_SAMPLER`` | CPU rejection sampler keeps dtypes | MASSV (``always``: all) |
+| ``MASSV_PATCH_IMAGE_ERRORS`` | oversized / empty images are a 400 | MASSV (``always``: all) |
+| ``MASSV_PATCH_FILE_URL_ERRORS`` | refused ``file://`` URLs are a 400 | MASSV (``always``: all) |
+| ``MASSV_PATCH_PROCESSOR_ERRORS`` | processor errors name their cause | MASSV (``always``: all) |
+
+"MASSV" for the request-handling patches means: the process (or the process that started it)
+resolved a MASSV speculative config; ``MASSV_ACTIVE`` carries that to vLLM's child processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ACTIVE_ENV = "MASSV_ACTIVE"  # set by the alias patch in process 0, inherited by engine processes
+
+
+@dataclass(frozen=True)
+class Switch:
+    env: str
+    doc: str
+    widenable: bool = False  # accepts "always"
+
+    def value(self) -> str:
+        raw = os.environ.get(self.env, "1").strip().lower()
+        allowed = ("0", "1", "always") if self.widenable else ("0", "1")
+        if raw not in allowed:
+            from massv_vllm.patches import PatchError
+
+            raise PatchError(f"{self.env}={raw!r}: expected one of {', '.join(allowed)}")
+        return raw
+
+    def enabled(self) -> bool:
+        return self.value() != "0"
+
+    def always(self) -> bool:
+        return self.value() == "always"
+
+
+SWITCHES: dict[str, Switch] = {
+    s.env: s
+    for s in (
+        Switch("MASSV_PATCH_ALIAS", '"massv" alias and drafter checks in process 0'),
+        Switch("MASSV_PATCH_DRAFT_POSITIONS", "1-D draft positions and KV slots for M-RoPE targets"),
+        Switch("MASSV_PATCH_DRAFT_IMAGES", "target image embeddings reach MASSV drafters"),
+        Switch("MASSV_FAST_DRAFT", "MASSV draft decode steps replayed as full CUDA graphs"),
+        Switch("MASSV_PATCH_COMPILE_CACHE_KEY", "MASSV drafters get their own torch.compile cache"),
+        Switch("MASSV_PATCH_CPU_REJECTION_SAMPLER", "dtype-preserving expand kernel on CPU", True),
+        Switch("MASSV_PATCH_IMAGE_ERRORS", "oversized or empty images answered with 400", True),
+        Switch("MASSV_PATCH_FILE_URL_ERRORS", "refused file:// URLs answered with 400", True),
+        Switch("MASSV_PATCH_PROCESSOR_ERRORS", "processor errors name their cause", True),
+    )
+}
+
+
+def switch(env: str) -> Switch:
+    return SWITCHES[env]
+
+
+def massv_active() -> bool:
+    """Whether this process serves (or was started for) a MASSV drafter."""
+    return os.environ.get(ACTIVE_ENV) == "1"
+
+
+def set_massv_active(active: bool) -> None:
+    if active:
+        os.environ[ACTIVE_ENV] = "1"
+    else:
+        os.environ.pop(ACTIVE_ENV, None)
+
+
+def request_patch_applies(env: str) -> bool:
+    """Scope of the request-handling fixes: MASSV processes, or every process with ``always``."""
+    sw = SWITCHES[env]
+    return sw.always() or (sw.enabled() and massv_active())

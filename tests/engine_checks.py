@@ -6,7 +6,8 @@ import torch
 from vllm import SamplingParams
 from vllm.multimodal.utils import encode_image_url
 
-from massv_vllm.testing.lossless import divergences
+from massv_vllm.metrics import SpecCounters
+from massv_vllm.testing.lossless import divergences, greedy, prompt_suite
 from massv_vllm.testing.tiny import synthetic_image
 
 # One prompt suite for every engine test: text-only, 1 and 2 images of varied sizes, long prompts
@@ -15,6 +16,46 @@ ENGINE_KW = dict(max_model_len=2048, max_num_batched_tokens=160, max_num_seqs=8,
 SUITE_SIZE = 12
 MAX_TOKENS = 16
 GAMMA = 3
+
+
+def mirror_engine(tiny, out_dir, text_only: bool = False):
+    """A module-scoped MASSV engine (with the drafter probe) whose drafter mirrors the target
+    (generator body for a fixture)."""
+    from massv_vllm.engine import make_llm, massv_spec, shutdown
+    from massv_vllm.testing.tiny import make_mirror_drafter
+
+    drafter = make_mirror_drafter(tiny.target, tiny.tokenizer, out_dir, text_only=text_only)
+    engine = make_llm(str(tiny.target), massv_spec(str(drafter), GAMMA), probe=True, **ENGINE_KW)
+    yield engine
+    shutdown(engine)
+
+
+def fast_loop_calls(llm) -> int | None:
+    """Proposals made by MASSV's own draft loop (patches/_draft_loop.py); needs the probe."""
+    return llm.collective_rpc("massv_fast_loop_calls")[0]
+
+
+def assert_mirror_accepts(llm, reference, image_floor: float | None = 2.0) -> dict[str, float]:
+    """T=0 output equals the no-speculation reference on the whole suite, *and* drafts are
+    accepted: MAL >= γ + 0.5 on the text-only prompts (the mirror drafter is the target there)
+    and MAL > ``image_floor`` on the image prompts. Returns the two MALs."""
+    suite = prompt_suite(SUITE_SIZE, max_images=2, long_words=150)
+    assert_lossless(reference, greedy(llm, suite, MAX_TOKENS))
+    mals = {}
+    for kind, requests in (
+        ("text", [r for r in suite if r.num_images == 0]),
+        ("image", [r for r in suite if r.num_images > 0]),
+    ):
+        before = SpecCounters.from_llm(llm)
+        greedy(llm, requests, MAX_TOKENS)
+        delta = SpecCounters.from_llm(llm) - before
+        assert delta.num_drafts > 0
+        mals[kind] = delta.mean_accepted_length
+    print(f"mirror drafter MAL: {mals}")
+    assert mals["text"] >= GAMMA + 0.5, mals
+    if image_floor is not None:
+        assert mals["image"] > image_floor, mals
+    return mals
 
 
 def probed_engine(tiny, drafter):

@@ -21,7 +21,9 @@ from tests.engine_checks import (
     SUITE_SIZE,
     assert_drafter_reads_images,
     assert_lossless,
+    assert_mirror_accepts,
     chat,
+    mirror_engine,
     probed_engine,
     projector_inputs,
     run_probed,
@@ -41,7 +43,16 @@ def llm(tiny_gemma, aware):
     yield from probed_engine(tiny_gemma, aware[0])
 
 
-def test_massv_is_lossless_and_counts_drafts(llm, gemma_reference):
+@pytest.fixture(scope="module")
+def mirror_llm(tiny_gemma, tmp_path_factory):
+    yield from mirror_engine(tiny_gemma, tmp_path_factory.mktemp("mirror") / "drafter")
+
+
+def test_accepted_drafts_are_lossless(mirror_llm, gemma_reference):
+    assert_mirror_accepts(mirror_llm, gemma_reference)
+
+
+def test_low_acceptance_drafter_is_lossless(llm, gemma_reference):
     before = SpecCounters.from_llm(llm)
     outs = greedy(llm, prompt_suite(SUITE_SIZE, max_images=2, long_words=150), MAX_TOKENS)
     delta = SpecCounters.from_llm(llm) - before

@@ -1,6 +1,9 @@
 """vLLM engine + plugin + MASSV drafter on a tiny Qwen2.5-VL target (CPU backend in CI).
 
-One MASSV engine for the module; the no-speculation reference comes from the session fixture.
+Two MASSV engines for the module: a "mirror" drafter (the target's own text stack) whose drafts
+are accepted, and a drafter trained only to name image colours, whose drafts are mostly rejected
+(the low-acceptance case, and the image-reading checks). The no-speculation reference comes from
+the session fixture.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from tests.engine_checks import (
     SUITE_SIZE,
     assert_drafter_reads_images,
     assert_lossless,
+    assert_mirror_accepts,
     assert_positions_are_absolute,
     chat,
+    fast_loop_calls,
+    mirror_engine,
     probed_engine,
     projector_inputs,
     run_probed,
@@ -41,13 +47,25 @@ def llm(tiny_qwen, aware):
 
 
 @pytest.fixture(scope="module")
+def mirror_llm(tiny_qwen, tmp_path_factory):
+    yield from mirror_engine(tiny_qwen, tmp_path_factory.mktemp("mirror") / "drafter")
+
+
+def test_accepted_drafts_are_lossless(mirror_llm, qwen_reference):
+    """The accepted-prefix path (accepted tokens, drafter KV reuse, bonus token) at T=0."""
+    calls = fast_loop_calls(mirror_llm)
+    assert_mirror_accepts(mirror_llm, qwen_reference)
+    assert fast_loop_calls(mirror_llm) > calls  # MASSV's own draft loop drafted (patches/_draft_loop.py)
+
+
+@pytest.fixture(scope="module")
 def suite_run(llm):
     before = SpecCounters.from_llm(llm)
     outs = greedy(llm, prompt_suite(SUITE_SIZE, max_images=2, long_words=150), MAX_TOKENS)
     return outs, SpecCounters.from_llm(llm) - before
 
 
-def test_massv_is_lossless_at_t0(suite_run, qwen_reference):
+def test_low_acceptance_drafter_is_lossless(suite_run, qwen_reference):
     outs, _ = suite_run
     assert any(o.prompt_len > ENGINE_KW["max_num_batched_tokens"] for o in outs)  # chunked prefills happened
     assert_lossless(qwen_reference, outs)

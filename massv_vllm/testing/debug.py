@@ -74,5 +74,10 @@ class DrafterProbe:
         drafter._massv_probe_installed = True
         return True
 
+    def massv_fast_loop_calls(self) -> int | None:
+        """Proposals made by MASSV's own draft loop (patches/_draft_loop.py); None: not set up."""
+        loop = getattr(getattr(self.model_runner, "drafter", None), "_massv_loop", None)
+        return None if loop is None else loop.calls
+
     def massv_probe_records(self) -> dict[str, Any]:
         return getattr(self.model_runner, "_massv_probe", None) or {}

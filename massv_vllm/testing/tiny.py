@@ -533,6 +533,84 @@ def build_tiny_set(root: str | Path, family: str, dtype: torch.dtype = torch.flo
     return s
 
 
+def make_mirror_drafter(
+    target_dir: str | Path, tok_dir: str | Path, out_dir: str | Path, text_only: bool = False
+) -> Path:
+    """A MASSV drafter that *is* the target's language model: the target's own text stack (same
+    weights, vocab and norms) and an identity projector, which hands the target's image
+    embeddings through unchanged.
+
+    On text it computes exactly what the target computes, so greedy drafts are accepted (MAL
+    close to γ + 1): the accepted-prefix path of speculative decoding (accepted tokens, KV reuse,
+    bonus token) is exercised. After an image it differs a little from the target (1-D instead of
+    M-RoPE positions for Qwen2.5-VL, causal instead of bidirectional image attention for Gemma3),
+    so acceptance there is high but not total. ``text_only``: no projector (the text-only
+    baseline's shape; it sees image placeholders as plain tokens). Also written: ``<out_dir>-lm``,
+    the plain text LM.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config
+
+    from massv_vllm.build import build_drafter
+    from massv_vllm.training.modeling import MassvDrafter
+
+    target, out = Path(target_dir), Path(out_dir)
+    lm_dir = out.with_name(out.name + "-lm")
+    tcfg = AutoConfig.from_pretrained(str(target))
+    text = tcfg.get_text_config().to_dict()
+    if tcfg.model_type == "qwen2_5_vl":
+        rope = {k: v for k, v in text["rope_parameters"].items() if k != "mrope_section"}
+        keep = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "hidden_act",
+            "tie_word_embeddings",
+            "bos_token_id",
+            "eos_token_id",
+        ]
+        cfg = Qwen2Config(**{k: text[k] for k in keep if k in text}, rope_parameters=rope)
+        prefix = ""  # the tiny Qwen2.5-VL target stores model.* and lm_head.* (vLLM's names)
+    elif tcfg.model_type == "gemma3":
+        drop = {"model_type", "architectures", "dtype", "transformers_version", "_name_or_path"}
+        cfg = Gemma3TextConfig(**{k: v for k, v in text.items() if k not in drop})
+        cfg.architectures = ["Gemma3ForCausalLM"]
+        prefix = "language_model."
+    else:
+        raise ValueError(f"no mirror drafter for model_type {tcfg.model_type!r}")
+    sd = load_file(str(target / "model.safetensors"))
+    lm_sd = {
+        k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix + "model.") or k == "lm_head.weight"
+    }
+    model = AutoModelForCausalLM.from_config(cfg)
+    missing, unexpected = model.load_state_dict(lm_sd, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight" or not cfg.tie_word_embeddings]:
+        raise RuntimeError(f"mirror LM weights do not fit: missing {missing}, unexpected {unexpected}")
+    lm_dir.mkdir(parents=True, exist_ok=True)
+    _save_model(model, lm_dir, next(iter(sd.values())).dtype)
+    _copy_tokenizer(Path(tok_dir), lm_dir)
+    gen = target / "generation_config.json"
+    if gen.is_file():
+        (lm_dir / "generation_config.json").write_bytes(gen.read_bytes())
+    build_drafter(lm_dir, target, out, projector_depth=1, text_only=text_only)
+    if text_only:
+        return out
+    drafter = MassvDrafter.from_pretrained(out)
+    lin = drafter.projector.linears[0]
+    if lin.weight.shape[0] != lin.weight.shape[1]:
+        raise ValueError(f"image embedding width {lin.weight.shape[1]} != LM width {lin.weight.shape[0]}")
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(lin.weight.shape[0], dtype=lin.weight.dtype))
+        lin.bias.zero_()
+    drafter.save_pretrained(out, tokenizer_from=lm_dir)
+    return out
+
+
 def synthetic_image(seed: int, size: tuple[int, int] = (224, 160)):
     """A deterministic, content-rich RGB test image (fractal + coloured shapes) of ``size``."""
     import random

@@ -22,8 +22,8 @@ import torch
 
 from benchmarks import load
 from massv_vllm.engine import on_gpu
-from massv_vllm.serve_utils import start_server
-from massv_vllm.tiny import synthetic_image
+from massv_vllm.testing.serve_utils import start_server
+from massv_vllm.testing.tiny import synthetic_image
 
 CPU_DRY_RUN = os.environ.get("MASSV_GPU_TESTS_ON_CPU") == "1"
 pytestmark = [

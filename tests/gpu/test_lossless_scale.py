@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from massv_vllm.engine import make_llm, massv_spec, on_gpu, shutdown
-from massv_vllm.lossless import Output, divergences, greedy, prompt_suite
 from massv_vllm.metrics import SpecCounters
+from massv_vllm.testing.lossless import Output, divergences, greedy, prompt_suite
 
 CPU_DRY_RUN = os.environ.get("MASSV_GPU_TESTS_ON_CPU") == "1"
 pytestmark = [

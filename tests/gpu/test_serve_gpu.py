@@ -12,8 +12,8 @@ import time
 import pytest
 
 from massv_vllm.metrics import SpecCounters
-from massv_vllm.serve_utils import Server, free_port, log_tail
-from massv_vllm.tiny import build_tiny_set, synthetic_image
+from massv_vllm.testing.serve_utils import Server, free_port, log_tail
+from massv_vllm.testing.tiny import build_tiny_set, synthetic_image
 from tests.gpu.conftest import ON_CPU
 
 

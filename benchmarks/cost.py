@@ -11,9 +11,15 @@ starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
 * ``target``:  the target alone: target decode step time per batch size (and the no-spec baseline);
 * ``drafter``: the small LM alone: drafter decode step time; c = drafter step / target step;
 * ``stock``:   target + the plain small LM through vLLM's stock ``draft_model`` (per γ);
-* ``massv``:   target + the MASSV drafter (same small LM + projector) through ``"massv"`` (per γ).
+* ``massv``:   target + the MASSV drafter (same small LM + projector) through ``"massv"`` (per γ);
+* ``massv-stockloop``: the same with vLLM's own draft loop (``MASSV_FAST_DRAFT=0``), the "before".
 
-Every engine zeroes both models' final norms (``benchmarks.cost_ext.ZeroFinalNorms``): all greedy
+``--profile N`` also profiles N decode steps of every speculative engine at each batch size (torch
+profiler in the worker, ``benchmarks.cost_ext.CostProbe``) and reports host and GPU milliseconds
+per engine step for each phase: target verify, input preparation, sampling and rejection, each
+draft forward, attention metadata, the image path, and host time blocked in device syncs.
+
+Every engine zeroes both models' final norms (``benchmarks.cost_ext.CostProbe``): all greedy
 tokens become id 0, so acceptance is forced to 100% at unchanged cost, and the measured speed-up
 of ``stock``/``massv`` over ``target`` is the real ceiling of this drafter at this γ. The table
 also shows the analytical ceiling τ/(γ·c + 1) at the MALs given with ``--mal`` (2.46 and 3.20:
@@ -27,8 +33,10 @@ prompts with ``ignore_eos``: prefill and the first token cancel out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -52,8 +60,11 @@ from benchmarks.report import (
 from massv_vllm.metrics import SpecCounters, speedup, speedup_ceiling
 
 RESULTS_VERSION = 1
-JOBS = ("target", "drafter", "stock", "massv")
-EXTENSION = "benchmarks.cost_ext.ZeroFinalNorms"
+JOBS = ("target", "drafter", "stock", "massv", "massv-stockloop")
+# Engine-process environment per job: "massv-stockloop" is MASSV on vLLM's own draft loop (the
+# starting point of the fast-drafting work), "massv" the full-graph loop (patches/_draft_loop.py).
+JOB_ENV = {"massv-stockloop": {"MASSV_FAST_DRAFT": "0"}}
+EXTENSION = "benchmarks.cost_ext.CostProbe"
 
 # ---- shapes ------------------------------------------------------------------------------------
 
@@ -236,7 +247,6 @@ def _override(folder: Path, top: dict[str, Any], sections: dict[str, dict[str, A
 
 def write_shape_set(root: str | Path, preset_name: str) -> ShapeSet:
     """Config-only target, small LM and MASSV drafter folders of ``preset_name`` under ``root``."""
-    from massv_vllm import tiny
     from massv_vllm.families import FAMILIES
     from massv_vllm.serving.checks import (
         check_pair,
@@ -245,6 +255,7 @@ def write_shape_set(root: str | Path, preset_name: str) -> ShapeSet:
         target_config_from_dir,
     )
     from massv_vllm.serving.config import CONFIG_KEY, MassvConfig, ProjectorConfig, TargetInfo
+    from massv_vllm.testing import tiny
 
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; known: {sorted(PRESETS)}")
@@ -354,7 +365,7 @@ def _prompts(
 
     from transformers import AutoProcessor
 
-    from massv_vllm.tiny import synthetic_image
+    from massv_vllm.testing.tiny import synthetic_image
 
     proc = AutoProcessor.from_pretrained(str(target))
     tok = proc.tokenizer
@@ -415,6 +426,28 @@ def measure(
     return rows
 
 
+def profile_decode(llm: Any, prompts: list[Any], steps: int, trace: Path | None = None) -> dict[str, Any]:
+    """Per-phase host/GPU ms per engine step over ``steps`` decode steps (prefill excluded)."""
+    llm.collective_rpc("massv_profile_start", args=(1,))
+    _timed(llm, prompts, steps + 1)
+    return llm.collective_rpc("massv_profile_stop", args=(str(trace) if trace else None,))[0]
+
+
+@contextlib.contextmanager
+def engine_env(env: dict[str, str] | None):
+    """Set environment variables while an engine starts: its processes inherit them."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_job(
     model: Path,
     spec: dict[str, Any] | None,
@@ -423,11 +456,15 @@ def run_job(
     steps: int,
     repeats: int,
     engine_kw: dict[str, Any],
+    env: dict[str, str] | None = None,
+    profile_steps: int = 0,
+    trace_dir: Path | None = None,
 ) -> dict[str, Any]:
     from massv_vllm.engine import make_llm, shutdown
 
     t0 = time.perf_counter()
-    llm = make_llm(str(model), spec, **engine_kw)
+    with engine_env(env):
+        llm = make_llm(str(model), spec, **engine_kw)
     startup = time.perf_counter() - t0
     try:
         zeroed = llm.collective_rpc("massv_zero_final_norms")[0]
@@ -436,9 +473,14 @@ def run_job(
                 f"could not find the final norms to zero (found {zeroed}); acceptance is not forced"
             )
         rows = measure(llm, prompts, batch_sizes, steps, repeats)
+        profile = {}
+        if profile_steps and spec is not None:
+            for b in batch_sizes:
+                trace = trace_dir / f"trace-b{b}.json" if trace_dir else None
+                profile[str(b)] = profile_decode(llm, prompts[:b], profile_steps, trace)
     finally:
         shutdown(llm)
-    return {"startup_s": startup, "zeroed": zeroed, "rows": rows}
+    return {"startup_s": startup, "zeroed": zeroed, "rows": rows, "profile": profile}
 
 
 # ---- the whole run --------------------------------------------------------------------------------
@@ -492,11 +534,13 @@ def run_cost(
     repeats: int = 3,
     prompt_len: int = 64,
     image_size: tuple[int, int] | None = (448, 448),
-    mals: list[float] | tuple[float, ...] = (2.46, 3.20),
+    mals: list[float] | tuple[float, ...] = (2.46, 3.20, 3.30),
     compile_backend: str = "inductor",
     engine_kw: dict[str, Any] | None = None,
     models_dir: str | Path | None = None,
     fresh: bool = False,
+    profile_steps: int = 0,
+    trace: bool = False,
     argv: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write the shape set, run the chosen jobs, write cost.json and return it.
@@ -532,11 +576,12 @@ def run_cost(
         "image_size": list(image_size) if image_size else None,
         "compile_backend": compile_backend,
         "engine_kw": kw,
+        "profile_steps": profile_steps,
         "gpu": on_gpu(),
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     prompts = _prompts(shapes.target, max(batch_sizes), prompt_len, image_size)
-    plan: list[tuple[str, Path, dict[str, Any] | None]] = []
+    plan: list[tuple[str, Path, dict[str, Any] | None]] = []  # (job-gγ, model, speculative config)
     if "target" in jobs:
         plan.append(("target", shapes.target, None))
     if "drafter" in jobs:
@@ -545,8 +590,9 @@ def run_cost(
         if "stock" in jobs:
             spec = {"method": "draft_model", "model": str(shapes.small_lm), "num_speculative_tokens": g}
             plan.append((f"stock-g{g}", shapes.target, spec))
-        if "massv" in jobs:
-            plan.append((f"massv-g{g}", shapes.target, massv_spec(str(shapes.drafter), g)))
+        for mode in ("massv-stockloop", "massv"):  # the "before" first: saved even if "after" fails
+            if mode in jobs:
+                plan.append((f"{mode}-g{g}", shapes.target, massv_spec(str(shapes.drafter), g)))
     for name, model, spec in plan:
         path = out / "jobs" / f"{name}.json"
         if not fresh and path.is_file() and json.loads(path.read_text()).get("key") == key:
@@ -557,14 +603,29 @@ def run_cost(
         job_prompts = (
             _prompts(shapes.target, max(batch_sizes), prompt_len, None) if name == "drafter" else prompts
         )
-        res = run_job(model, spec, job_prompts, batch_sizes, steps, repeats, kw)
+        mode = name.rpartition("-g")[0] or name
+        trace_dir = out / "traces" / name if profile_steps and trace else None
+        if trace_dir:
+            trace_dir.mkdir(parents=True, exist_ok=True)
+        res = run_job(
+            model,
+            spec,
+            job_prompts,
+            batch_sizes,
+            steps,
+            repeats,
+            kw,
+            env=JOB_ENV.get(mode),
+            profile_steps=profile_steps,
+            trace_dir=trace_dir,
+        )
         write_json(path, {"key": key, "name": name, **res})  # checkpoint per engine
     results = {}
     for path in sorted((out / "jobs").glob("*.json")):
         res = json.loads(path.read_text())
         if res.get("key") == key:
             results[res["name"]] = res
-    found_gammas = sorted({int(n.partition("-g")[2]) for n in results if "-g" in n})
+    found_gammas = sorted({int(n.rpartition("-g")[2]) for n in results if "-g" in n})
     doc = {
         "version": RESULTS_VERSION,
         "meta": run_metadata({**settings, "jobs_run": [p[0] for p in plan], "mals": list(mals)}, argv),
@@ -576,6 +637,7 @@ def run_cost(
         },
         "engines": {k: {"startup_s": v["startup_s"], "zeroed": v["zeroed"]} for k, v in results.items()},
         **summarise(results, batch_sizes, found_gammas, list(mals)),
+        "profile": {k: v["profile"] for k, v in results.items() if v.get("profile")},
     }
     problems = check_schema(doc, SCHEMA)
     if problems:
@@ -615,7 +677,7 @@ def summarise(
     for name in rows:
         if name == "drafter":
             continue
-        mode, _, g = name.partition("-g")
+        mode, _, g = name.rpartition("-g") if "-g" in name else (name, "", "")
         gamma = int(g) if g else None
         for b in batch_sizes:
             r = rows[name][b]
@@ -633,14 +695,26 @@ def summarise(
                     "predicted_full_acceptance": None
                     if gamma is None or cb is None
                     else speedup_ceiling(gamma + 1, gamma, cb),
+                    # What a drafter of mean accepted length τ would get with this engine's
+                    # measured spec-step time (= TPOT at forced acceptance × (γ + 1)).
+                    "predicted_at_mal": {}
+                    if gamma is None
+                    else {
+                        f"{tau:.2f}": speedup(tpot("target", b), r["tpot_ms"] * (gamma + 1) / tau)
+                        for tau in mals
+                        if tau <= gamma + 1
+                    },
                 }
             )
     overhead = []
     for g in gammas:
         for b in batch_sizes:
-            s, m = tpot(f"stock-g{g}", b), tpot(f"massv-g{g}", b)
-            if s and m:
-                overhead.append({"gamma": g, "batch_size": b, "massv_over_stock_tpot": m / s})
+            for mode in ("massv", "massv-stockloop"):
+                s, m = tpot(f"stock-g{g}", b), tpot(f"{mode}-g{g}", b)
+                if s and m:
+                    overhead.append(
+                        {"mode": mode, "gamma": g, "batch_size": b, "massv_over_stock_tpot": m / s}
+                    )
     return {"step_ms": step_ms, "cost_ratio": c, "ceiling": ceiling, "e2e": e2e, "massv_overhead": overhead}
 
 
@@ -664,14 +738,26 @@ SCHEMA = {
             "all_tokens_zero": bool,
             "speedup_vs_none": Opt(NUM),
             "predicted_full_acceptance": Opt(NUM),
+            "predicted_at_mal": MapOf(Opt(NUM)),
         }
     ),
-    "massv_overhead": ListOf({"gamma": int, "batch_size": int, "massv_over_stock_tpot": NUM}),
+    "massv_overhead": ListOf({"mode": str, "gamma": int, "batch_size": int, "massv_over_stock_tpot": NUM}),
+    "profile": MapOf(
+        MapOf(
+            {
+                "steps": int,
+                "phases": MapOf({"calls": NUM, "host_ms": NUM, "gpu_ms": NUM}),
+                "sync": {"calls": NUM, "host_ms": NUM},
+                "gpu_busy_ms": NUM,
+            }
+        )
+    ),
 }
 
 
 def format_report(doc: dict[str, Any]) -> str:
     bs = [int(b) for b in doc["cost_ratio"]]
+    mals = [float(m) for m in doc["meta"]["settings"]["mals"]]
     out = []
     rows = [[k, *[fmt(v.get(str(b)), 3) for b in bs]] for k, v in doc["step_ms"].items()]
     rows.append(["c = drafter/target", *[fmt(doc["cost_ratio"][str(b)], 3) for b in bs]])
@@ -697,25 +783,63 @@ def format_report(doc: dict[str, Any]) -> str:
                 "yes" if r["all_tokens_zero"] else "NO",
                 fmt(r["speedup_vs_none"]),
                 fmt(r["predicted_full_acceptance"]),
+                fmt(
+                    None
+                    if not r["predicted_full_acceptance"] or r["speedup_vs_none"] is None
+                    else r["speedup_vs_none"] / r["predicted_full_acceptance"]
+                ),
+                *[fmt(r["predicted_at_mal"].get(f"{t:.2f}")) for t in mals],
             ]
         )
     out.append(
         format_table(
-            ["engine", "B", "TPOT ms", "MAL", "tokens=0", "speed-up", "predicted"],
+            [
+                "engine",
+                "B",
+                "TPOT ms",
+                "MAL",
+                "tokens=0",
+                "speed-up",
+                "ceiling",
+                "of ceiling",
+                *[f"at MAL {t:.2f}" for t in mals],
+            ],
             rows,
-            "end to end at forced 100% acceptance (speed-up over no speculation, same engine settings)",
+            "end to end at forced 100% acceptance (speed-up over no speculation, same engine settings;"
+            " ceiling = (γ+1)·T_target/(T_target+γ·T_drafter); 'at MAL τ' = τ·T_target / measured step)",
         )
     )
     if doc["massv_overhead"]:
         rows = [
-            [f"γ={r['gamma']}", r["batch_size"], fmt(r["massv_over_stock_tpot"], 3)]
+            [r["mode"], f"γ={r['gamma']}", r["batch_size"], fmt(r["massv_over_stock_tpot"], 3)]
             for r in doc["massv_overhead"]
         ]
         out.append(
-            format_table(
-                ["", "B", "TPOT massv / stock"], rows, "MASSV drafter overhead over the plain draft model"
-            )
+            format_table(["engine", "", "B", "TPOT / stock"], rows, "MASSV TPOT over the plain draft model's")
         )
+    for job, per_b in doc.get("profile", {}).items():
+        for b, prof in per_b.items():
+            rows = [
+                [label, fmt(v["calls"], 2), fmt(v["host_ms"], 3), fmt(v["gpu_ms"], 3)]
+                for label, v in sorted(prof["phases"].items())
+            ]
+            rows.append(
+                [
+                    "host blocked in device syncs",
+                    fmt(prof["sync"]["calls"], 2),
+                    fmt(prof["sync"]["host_ms"], 3),
+                    "",
+                ]
+            )
+            rows.append(["GPU busy (all kernels)", "", "", fmt(prof["gpu_busy_ms"], 3)])
+            out.append(
+                format_table(
+                    ["phase", "calls", "host ms", "GPU ms"],
+                    rows,
+                    f"{job}, B={b}: per engine step, mean of {prof['steps']} decode steps "
+                    "(host ms include nested phases)",
+                )
+            )
     return "\n\n".join(out)
 
 
@@ -735,7 +859,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prompt-len", type=int, default=64, help="random text tokens per prompt")
     p.add_argument("--image-size", default="448x448", help="WxH of one synthetic image per prompt, or 'none'")
     p.add_argument(
-        "--mal", type=float, nargs="+", default=[2.46, 3.20], help="MALs for the predicted speed-up"
+        "--mal",
+        type=float,
+        nargs="+",
+        default=[2.46, 3.20, 3.30],
+        help="MALs for the predicted speed-ups (paper: text-only 2.46, MASSV 3.20; world: MASSV 3.3)",
     )
     p.add_argument(
         "--compile-backend",
@@ -749,6 +877,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="enforce_eager: no compile, no CUDA graphs (not for final numbers)",
     )
     p.add_argument("--fresh", action="store_true", help="rerun jobs even if finished results exist")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also profile STEPS decode steps of every speculative engine (phase table)",
+    )
+    p.add_argument("--trace", action="store_true", help="with --profile: write chrome traces to OUT/traces/")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument(
         "--models-dir", default=None, help="where to write the config-only folders (default OUT/models)"
@@ -776,6 +912,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compile_backend=a.compile_backend,
         engine_kw=kw,
         fresh=a.fresh,
+        profile_steps=a.profile,
+        trace=a.trace,
         models_dir=a.models_dir,
         argv=["-m", "benchmarks.cost", *(sys.argv[1:] if argv is None else argv)],
     )

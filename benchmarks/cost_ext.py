@@ -1,15 +1,22 @@
-"""vLLM worker extension for benchmarks/cost.py: force 100% acceptance at unchanged cost.
+"""vLLM worker extension for benchmarks/cost.py: forced acceptance, and a phase profile.
 
-``LLM(..., worker_extension_cls="benchmarks.cost_ext.ZeroFinalNorms")``, then
-``llm.collective_rpc("massv_zero_final_norms")``. With the final norm of every decoder (target and
-drafter) zeroed, every hidden state reaching the LM head is 0, so all logits are 0 and greedy
-decoding picks token 0 in both models: every draft token is accepted. Nothing else changes, so
-each step costs exactly what it costs with real weights (same shapes, kernels and batch sizes).
-Only for dummy-weight timing runs: the outputs are meaningless.
+``LLM(..., worker_extension_cls="benchmarks.cost_ext.CostProbe")``, then:
+
+* ``llm.collective_rpc("massv_zero_final_norms")``: with the final norm of every decoder (target
+  and drafter) zeroed, every hidden state reaching the LM head is 0, so all logits are 0 and
+  greedy decoding picks token 0 in both models: every draft token is accepted. Nothing else
+  changes, so each step costs exactly what it costs with real weights (same shapes, kernels and
+  batch sizes). Only for dummy-weight timing runs: the outputs are meaningless.
+* ``massv_profile_start`` / ``massv_profile_stop``: run the torch profiler over some decode
+  steps, with named ranges around the worker's phases (target forward, input preparation,
+  sampling and rejection, each draft forward, attention metadata, ...), and return per-phase host
+  and GPU milliseconds plus the host time spent blocked in device synchronisation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any
 
 
@@ -43,7 +50,34 @@ def zero_final_norms(model: Any) -> list[str]:
     return done
 
 
-class ZeroFinalNorms:
+# (object path, method, phase label). "runner" is the GPU model runner, "drafter" its proposer,
+# "loop" the MASSV fast draft loop. Missing objects or methods are skipped.
+PHASES = (
+    ("runner", "execute_model", "step: execute_model"),
+    ("runner", "sample_tokens", "step: sample_tokens"),
+    ("runner", "_update_states", "input: update states"),
+    ("runner", "_prepare_inputs", "input: prepare inputs"),
+    ("runner", "_model_forward", "target: forward (verify)"),
+    ("runner", "_sample", "target: sampling + rejection"),
+    ("runner", "_bookkeeping_sync", "target: bookkeeping (sync)"),
+    ("runner", "propose_draft_token_ids", "draft: all (propose_draft_token_ids)"),
+    ("runner", "_gather_mm_embeddings", "draft: image-embedding gather"),
+    ("drafter", "prepare_next_token_ids_padded", "draft: next-token prep"),
+    ("drafter", "prepare_inputs_padded", "draft: prepare inputs"),
+    ("drafter", "set_inputs_first_pass", "draft: first-pass inputs"),
+    ("drafter", "build_per_group_and_layer_attn_metadata", "draft: attention metadata"),
+    ("drafter", "build_model_inputs_first_pass", "draft: first-pass embeddings (+projector)"),
+    ("drafter", "_update_positions_dependent_metadata", "draft: step update"),
+    ("drafter", "_sample_draft_tokens", "draft: logits + argmax"),
+    ("drafter", "_greedy_sample", "draft: logits + argmax"),
+    ("loop", "_attn_metadata", "draft: attention metadata"),
+    ("loop", "_run", "draft: decode step (full graph)"),
+)
+DRAFT_FORWARD = "draft: forward (each)"
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+class CostProbe:
     """Mixed into vLLM's worker class (``worker_extension_cls``)."""
 
     def massv_zero_final_norms(self) -> dict[str, list[str]]:
@@ -53,3 +87,98 @@ class ZeroFinalNorms:
         if drafter is not None and getattr(drafter, "model", None) is not None:
             out["drafter"] = zero_final_norms(drafter.model)
         return out
+
+    def massv_profile_start(self, skip_steps: int = 1) -> list[str]:
+        """Wrap the phases in named profiler ranges; the profiler starts at the beginning of
+        engine step ``skip_steps + 1`` (so a request's prefill step stays out of the profile)."""
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        runner = self.model_runner
+        drafter = getattr(runner, "drafter", None)
+        objs = {"runner": runner, "drafter": drafter, "loop": getattr(drafter, "_massv_loop", None)}
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        state = {"calls": 0, "profiled": 0, "running": False}
+        undo: list[tuple[Any, str]] = []
+        wrapped = []
+        for owner, name, label in PHASES:
+            obj = objs[owner]
+            fn = getattr(obj, name, None) if obj is not None else None
+            if fn is None or name in vars(obj):
+                continue
+
+            def wrap(fn=fn, label=label, first=(owner, name) == ("runner", "execute_model")):
+                @functools.wraps(fn)
+                def inner(*a, **k):
+                    if first:
+                        state["calls"] += 1
+                        if state["calls"] == skip_steps + 1:
+                            prof.start()
+                            state["running"] = True
+                        state["profiled"] += state["running"]
+                    with record_function(label):
+                        return fn(*a, **k)
+
+                return inner
+
+            setattr(obj, name, wrap())
+            undo.append((obj, name))
+            wrapped.append(f"{owner}.{name}")
+        # Each drafter forward runs inside a forward context opened by the proposer module (vLLM's
+        # loop) or taken from vllm.forward_context at call time (MASSV's loop).
+        import vllm.forward_context as fc
+        import vllm.v1.spec_decode.llm_base_proposer as base
+
+        orig_ctx = fc.set_forward_context
+
+        @contextlib.contextmanager
+        def labelled_ctx(*a, **k):
+            with record_function(DRAFT_FORWARD), orig_ctx(*a, **k) as ctx:
+                yield ctx
+
+        base.set_forward_context = fc.set_forward_context = labelled_ctx
+        self._massv_profile = (prof, state, undo, (base, fc, orig_ctx))
+        return wrapped
+
+    def massv_profile_stop(self, trace_path: str | None = None) -> dict[str, Any]:
+        """Stop profiling; per engine step and label: calls, host ms and GPU ms (of the kernels
+        launched inside), host ms blocked in device syncs, and GPU busy ms."""
+        import torch
+
+        prof, state, undo, (base, fc, orig_ctx) = self._massv_profile
+        torch.accelerator.synchronize()
+        if not state["running"]:
+            raise RuntimeError(f"the profiler never started: only {state['calls']} engine steps ran")
+        prof.stop()
+        for obj, name in undo:
+            delattr(obj, name)
+        base.set_forward_context = fc.set_forward_context = orig_ctx
+        if trace_path:
+            prof.export_chrome_trace(trace_path)
+        labels = {label for _, _, label in PHASES} | {DRAFT_FORWARD}
+        # Engine steps = target forwards (execute_model also runs, empty, after the last request).
+        averages = {evt.key: evt for evt in prof.key_averages()}
+        target = averages.get("target: forward (verify)")
+        steps = target.count if target is not None else state["profiled"]
+        if not steps:
+            raise RuntimeError("no engine step was profiled")
+        phases: dict[str, dict[str, float]] = {}
+        sync_ms, sync_calls, gpu_ms = 0.0, 0, 0.0
+        for evt in averages.values():
+            if evt.key in labels:
+                phases[evt.key] = {
+                    "calls": evt.count / steps,
+                    "host_ms": evt.cpu_time_total / 1e3 / steps,
+                    "gpu_ms": evt.device_time_total / 1e3 / steps,
+                }
+            elif evt.key in SYNC_EVENTS:
+                sync_ms += evt.cpu_time_total / 1e3
+                sync_calls += evt.count
+        for evt in prof.events():
+            if str(evt.device_type).endswith("CUDA") and evt.device_time_total:
+                gpu_ms += evt.device_time_total / 1e3
+        return {
+            "steps": steps,
+            "phases": phases,
+            "sync": {"calls": sync_calls / steps, "host_ms": sync_ms / steps},
+            "gpu_busy_ms": gpu_ms / steps,
+        }

@@ -844,7 +844,7 @@ def format_report(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.acceptance import parse_engine_args
+    from massv_vllm.engine import parse_engine_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-vl-7b/qwen2.5-1.5b")

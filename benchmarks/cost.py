@@ -12,7 +12,8 @@ starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
 * ``drafter``: the small LM alone: drafter decode step time; c = drafter step / target step;
 * ``stock``:   target + the plain small LM through vLLM's stock ``draft_model`` (per γ);
 * ``massv``:   target + the MASSV drafter (same small LM + projector) through ``"massv"`` (per γ);
-* ``massv-stockloop``: the same with vLLM's own draft loop (``MASSV_FAST_DRAFT=0``), the "before".
+* ``massv-stockloop``: the same with vLLM's own draft loop (``MASSV_FAST_DRAFT=0``), the "before";
+* ``massv-async``: ``massv`` with ``async_scheduling=True``.
 
 ``--profile N`` also profiles N decode steps of every speculative engine at each batch size (torch
 profiler in the worker, ``benchmarks.cost_ext.CostProbe``) and reports host and GPU milliseconds
@@ -60,10 +61,13 @@ from benchmarks.report import (
 from massv_vllm.metrics import SpecCounters, speedup, speedup_ceiling
 
 RESULTS_VERSION = 1
-JOBS = ("target", "drafter", "stock", "massv", "massv-stockloop")
+JOBS = ("target", "drafter", "stock", "massv", "massv-stockloop", "massv-async")
 # Engine-process environment per job: "massv-stockloop" is MASSV on vLLM's own draft loop (the
 # starting point of the fast-drafting work), "massv" the full-graph loop (patches/_draft_loop.py).
 JOB_ENV = {"massv-stockloop": {"MASSV_FAST_DRAFT": "0"}}
+# Engine arguments per job on top of the shared ones: "massv-async" overlaps the host's scheduling
+# and input preparation with the GPU (vLLM allows async scheduling for draft models when asked).
+JOB_KW = {"massv-async": {"async_scheduling": True}}
 EXTENSION = "benchmarks.cost_ext.CostProbe"
 
 # ---- shapes ------------------------------------------------------------------------------------
@@ -426,10 +430,12 @@ def measure(
     return rows
 
 
-def profile_decode(llm: Any, prompts: list[Any], steps: int, trace: Path | None = None) -> dict[str, Any]:
+def profile_decode(
+    llm: Any, prompts: list[Any], steps: int, tokens_per_step: int, trace: Path | None = None
+) -> dict[str, Any]:
     """Per-phase host/GPU ms per engine step over ``steps`` decode steps (prefill excluded)."""
     llm.collective_rpc("massv_profile_start", args=(1,))
-    _timed(llm, prompts, steps + 1)
+    _timed(llm, prompts, steps * tokens_per_step + 1)
     return llm.collective_rpc("massv_profile_stop", args=(str(trace) if trace else None,))[0]
 
 
@@ -476,8 +482,9 @@ def run_job(
         profile = {}
         if profile_steps and spec is not None:
             for b in batch_sizes:
-                trace = trace_dir / f"trace-b{b}.json" if trace_dir else None
-                profile[str(b)] = profile_decode(llm, prompts[:b], profile_steps, trace)
+                trace = trace_dir / f"trace-b{b}.json.gz" if trace_dir else None
+                per_step = spec["num_speculative_tokens"] + 1  # forced acceptance
+                profile[str(b)] = profile_decode(llm, prompts[:b], profile_steps, per_step, trace)
     finally:
         shutdown(llm)
     return {"startup_s": startup, "zeroed": zeroed, "rows": rows, "profile": profile}
@@ -590,7 +597,7 @@ def run_cost(
         if "stock" in jobs:
             spec = {"method": "draft_model", "model": str(shapes.small_lm), "num_speculative_tokens": g}
             plan.append((f"stock-g{g}", shapes.target, spec))
-        for mode in ("massv-stockloop", "massv"):  # the "before" first: saved even if "after" fails
+        for mode in ("massv-stockloop", "massv", "massv-async"):  # "before" first: saved if "after" fails
             if mode in jobs:
                 plan.append((f"{mode}-g{g}", shapes.target, massv_spec(str(shapes.drafter), g)))
     for name, model, spec in plan:
@@ -614,7 +621,7 @@ def run_cost(
             batch_sizes,
             steps,
             repeats,
-            kw,
+            kw | JOB_KW.get(mode, {}),
             env=JOB_ENV.get(mode),
             profile_steps=profile_steps,
             trace_dir=trace_dir,
@@ -749,6 +756,8 @@ SCHEMA = {
                 "phases": MapOf({"calls": NUM, "host_ms": NUM, "gpu_ms": NUM}),
                 "sync": {"calls": NUM, "host_ms": NUM},
                 "gpu_busy_ms": NUM,
+                "step_period_ms": NUM,
+                "top_kernels": ListOf({"name": str, "calls": NUM, "gpu_ms": NUM}),
             }
         )
     ),
@@ -832,6 +841,11 @@ def format_report(doc: dict[str, Any]) -> str:
                 ]
             )
             rows.append(["GPU busy (all kernels)", "", "", fmt(prof["gpu_busy_ms"], 3)])
+            rows.append(["step period (wall)", "", fmt(prof["step_period_ms"], 3), ""])
+            rows += [
+                [f"  kernel {k['name'][:60]}", fmt(k["calls"], 1), "", fmt(k["gpu_ms"], 3)]
+                for k in prof["top_kernels"][:10]
+            ]
             out.append(
                 format_table(
                     ["phase", "calls", "host ms", "GPU ms"],

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
+import os
+import shutil
+import time
 from typing import Any
 
 
@@ -97,7 +101,9 @@ class CostProbe:
         drafter = getattr(runner, "drafter", None)
         objs = {"runner": runner, "drafter": drafter, "loop": getattr(drafter, "_massv_loop", None)}
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-        state = {"calls": 0, "profiled": 0, "running": False}
+        # Host wall time per phase is timed here (perf_counter); the profiler's own CPU times of
+        # record_function ranges are not reliable for user annotations.
+        state = {"calls": 0, "profiled": 0, "running": False, "wall": {}, "starts": []}
         undo: list[tuple[Any, str]] = []
         wrapped = []
         for owner, name, label in PHASES:
@@ -115,8 +121,15 @@ class CostProbe:
                             prof.start()
                             state["running"] = True
                         state["profiled"] += state["running"]
-                    with record_function(label):
-                        return fn(*a, **k)
+                        if state["running"]:
+                            state["starts"].append(time.perf_counter())
+                    t0 = time.perf_counter()
+                    try:
+                        with record_function(label):
+                            return fn(*a, **k)
+                    finally:
+                        if state["running"]:
+                            state["wall"][label] = state["wall"].get(label, 0.0) + time.perf_counter() - t0
 
                 return inner
 
@@ -140,9 +153,11 @@ class CostProbe:
         return wrapped
 
     def massv_profile_stop(self, trace_path: str | None = None) -> dict[str, Any]:
-        """Stop profiling; per engine step and label: calls, host ms and GPU ms (of the kernels
-        launched inside), host ms blocked in device syncs, and GPU busy ms."""
+        """Stop profiling. Per engine step: each phase's calls, host wall ms and GPU ms (kernels
+        launched inside it), host ms blocked in device syncs, GPU busy ms, the step period (wall
+        between consecutive steps) and the kernels that take the most GPU time."""
         import torch
+        from torch.autograd import DeviceType
 
         prof, state, undo, (base, fc, orig_ctx) = self._massv_profile
         torch.accelerator.synchronize()
@@ -153,7 +168,11 @@ class CostProbe:
             delattr(obj, name)
         base.set_forward_context = fc.set_forward_context = orig_ctx
         if trace_path:
-            prof.export_chrome_trace(trace_path)
+            raw = trace_path.removesuffix(".gz")
+            prof.export_chrome_trace(raw)
+            with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.unlink(raw)
         labels = {label for _, _, label in PHASES} | {DRAFT_FORWARD}
         # Engine steps = target forwards (execute_model also runs, empty, after the last request).
         averages = {evt.key: evt for evt in prof.key_averages()}
@@ -162,23 +181,34 @@ class CostProbe:
         if not steps:
             raise RuntimeError("no engine step was profiled")
         phases: dict[str, dict[str, float]] = {}
-        sync_ms, sync_calls, gpu_ms = 0.0, 0, 0.0
+        sync_ms, sync_calls = 0.0, 0
         for evt in averages.values():
             if evt.key in labels:
                 phases[evt.key] = {
                     "calls": evt.count / steps,
-                    "host_ms": evt.cpu_time_total / 1e3 / steps,
+                    "host_ms": state["wall"].get(evt.key, 0.0) * 1e3 / steps,
                     "gpu_ms": evt.device_time_total / 1e3 / steps,
                 }
             elif evt.key in SYNC_EVENTS:
                 sync_ms += evt.cpu_time_total / 1e3
                 sync_calls += evt.count
+        kernels: dict[str, list[float]] = {}
         for evt in prof.events():
-            if str(evt.device_type).endswith("CUDA") and evt.device_time_total:
-                gpu_ms += evt.device_time_total / 1e3
+            # Device-side kernels/copies only (not the GPU shadows of the named ranges).
+            if evt.device_type == DeviceType.CUDA and evt.name not in labels and evt.device_time_total:
+                k = kernels.setdefault(evt.name[:90], [0, 0.0])
+                k[0] += 1
+                k[1] += evt.device_time_total / 1e3
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
+        starts = state["starts"]
+        period = (starts[-1] - starts[0]) / (len(starts) - 1) * 1e3 if len(starts) > 1 else 0.0
         return {
             "steps": steps,
             "phases": phases,
             "sync": {"calls": sync_calls / steps, "host_ms": sync_ms / steps},
-            "gpu_busy_ms": gpu_ms / steps,
+            "gpu_busy_ms": sum(v[1] for v in kernels.values()) / steps,
+            "step_period_ms": period,
+            "top_kernels": [
+                {"name": name, "calls": c / steps, "gpu_ms": ms / steps} for name, (c, ms) in top
+            ],
         }

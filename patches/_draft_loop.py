@@ -15,8 +15,11 @@ vLLM's Model Runner V2 runs EAGLE draft steps. What a full graph needs, and how 
   ``query_start_loc`` and ``block_table`` copies (vLLM's per-step ``seq_lens`` is a fresh
   tensor);
 * the attention metadata is built per step, outside the graph, by the drafter's own builder
-  with the same call as at capture (``build(..., fast_build=False)``): FlashAttention-3 writes
-  its scheduler metadata into the builder's persistent buffer, as for the target's full graphs;
+  with the same call as at capture and as vLLM's own draft steps (``build_for_drafting``): no
+  ahead-of-time FlashAttention-3 schedule (that builder knows the target's heads, not the
+  drafter's), a fixed split count for graph-sized batches, sequence lengths read on the device;
+  the graph is captured with ``max_seq_len = max_model_len`` so its launch shape covers any
+  length;
 * a batch of B requests replays the graph captured for the smallest size n >= B (sizes 1, 2, 4,
   then multiples of 8 up to ``max_num_seqs``); the n - B padded requests have empty queries,
   zero sequence length and padding KV slots.
@@ -137,7 +140,12 @@ class DraftDecodeLoop:
         )
         per_layer = {}
         for group in p.draft_attn_groups:
-            md = group.get_metadata_builder().build(common_prefix_len=0, common_attn_metadata=cad)
+            # vLLM's own draft-step call. Not build(fast_build=False): the drafter's builder holds
+            # the *target's* head counts and head size, so FlashAttention-3's ahead-of-time
+            # scheduler metadata would be laid out for the target's heads ("scheduler_metadata must
+            # have shape (metadata_size)" with Qwen2.5-0.5B's 64-wide heads on the H200). Without it
+            # FA3 schedules inside the kernel call, which a full graph captures and replays.
+            md = group.get_metadata_builder().build_for_drafting(common_attn_metadata=cad, draft_index=1)
             for name in group.layer_names:
                 per_layer[name] = md
         return per_layer
@@ -175,7 +183,7 @@ class DraftDecodeLoop:
             p.positions[:n] = 0
             p.input_ids[:n] = 0
             p._slot_mapping_buffer[:n] = PADDING_SLOT_ID  # dummy steps write no KV
-            per_layer = self._attn_metadata(n, n, 1, self.block_table)
+            per_layer = self._attn_metadata(n, n, p.max_model_len, self.block_table)
             with set_forward_context(
                 per_layer,
                 p.vllm_config,

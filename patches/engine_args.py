@@ -51,9 +51,26 @@ def resolve_massv(args: Any, target_model_config: Any) -> None:
         # (llm_base_proposer.validate_same_kv_cache_group); the hybrid manager would split them.
         args.disable_hybrid_kv_cache_manager = True
         logger.info("massv-vllm: Gemma3 target -> disable_hybrid_kv_cache_manager=True")
-    kind = "text-only" if info.massv.text_only else "MASSV"
-    logger.info(
-        "massv-vllm: %s drafter %s validated against target %s", kind, model, target_model_config.model
+    logger.info(startup_line(info, model, target_model_config.model, args))
+
+
+def startup_line(info: Any, drafter: str, target: str, args: Any) -> str:
+    """The one line a MASSV engine logs at start-up: what runs, with what, and which patches."""
+    from massv_vllm.patches.envs import SWITCHES
+
+    spec = args.speculative_config or {}
+    gamma = spec.get("num_speculative_tokens", args.spec_tokens)
+    proj = info.massv.projector
+    if proj is None:
+        projector = "none (text-only drafter)"
+    else:
+        dims = [proj.input_dim] + [proj.hidden_dim] * (proj.depth - 1) + [info.base_config.hidden_size]
+        projector = "->".join(map(str, dims)) + f" ({proj.activation})"
+    on = [env for env, sw in SWITCHES.items() if sw.enabled()]
+    off = [env for env, sw in SWITCHES.items() if not sw.enabled()]
+    return (
+        f"massv-vllm: drafter {drafter} | target {target} | γ={gamma} | projector {projector} | "
+        f"patches on: {', '.join(on) or 'none'}" + (f" | off: {', '.join(off)}" if off else "")
     )
 
 

@@ -293,3 +293,19 @@ def test_gemma3_targets_get_one_kv_cache_group(tiny_gemma):
     )
     resolve_massv(b, target)
     assert b.disable_hybrid_kv_cache_manager is False  # an explicit user choice is kept
+
+
+def test_startup_line_names_drafter_target_gamma_projector_and_patches(tiny_qwen, monkeypatch):
+    from massv_vllm.patches.engine_args import startup_line
+    from massv_vllm.serving.checks import check_drafter
+
+    monkeypatch.setenv("MASSV_FAST_DRAFT", "0")
+    info = check_drafter(tiny_qwen.drafter)
+    args = types.SimpleNamespace(speculative_config={"num_speculative_tokens": 4}, spec_tokens=None)
+    line = startup_line(info, "D", "T", args)
+    proj = info.massv.projector
+    dims = f"{proj.input_dim}->{proj.hidden_dim}->{info.base_config.hidden_size} ({proj.activation})"
+    assert line.startswith(f"massv-vllm: drafter D | target T | γ=4 | projector {dims} | patches on: ")
+    assert "MASSV_PATCH_ALIAS" in line.split("| off:")[0] and line.endswith("| off: MASSV_FAST_DRAFT")
+    text = startup_line(check_drafter(tiny_qwen.text_drafter), "D", "T", args)
+    assert "projector none (text-only drafter)" in text

@@ -13,7 +13,10 @@ starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
 * ``stock``:   target + the plain small LM through vLLM's stock ``draft_model`` (per γ);
 * ``massv``:   target + the MASSV drafter (same small LM + projector) through ``"massv"`` (per γ);
 * ``massv-stockloop``: the same with vLLM's own draft loop (``MASSV_FAST_DRAFT=0``), the "before";
-* ``massv-async``: ``massv`` with ``async_scheduling=True``.
+* ``massv-async``: ``massv`` with ``async_scheduling=True``;
+* ``massv-parallel``: ``massv`` with ``"parallel_drafting": true`` (one drafter forward proposes all
+  γ tokens; the drafter folder names a mask token, ``pard_token``). Its ceiling counts one drafter
+  forward, approximated by the drafter's own decode step time.
 
 ``--profile N`` also profiles N decode steps of every speculative engine at each batch size (torch
 profiler in the worker, ``benchmarks.cost_ext.CostProbe``) and reports host and GPU milliseconds
@@ -61,13 +64,17 @@ from benchmarks.report import (
 from massv_vllm.metrics import SpecCounters, speedup, speedup_ceiling
 
 RESULTS_VERSION = 1
-JOBS = ("target", "drafter", "stock", "massv", "massv-stockloop", "massv-async")
+JOBS = ("target", "drafter", "stock", "massv", "massv-stockloop", "massv-async", "massv-parallel")
+# Drafter forwards per spec step: γ sequential ones, or one for parallel drafting.
+DRAFT_FORWARDS = {"massv-parallel": lambda gamma: 1}
 # Engine-process environment per job: "massv-stockloop" is MASSV on vLLM's own draft loop (the
 # starting point of the fast-drafting work), "massv" the full-graph loop (patches/_draft_loop.py).
 JOB_ENV = {"massv-stockloop": {"MASSV_FAST_DRAFT": "0"}}
 # Engine arguments per job on top of the shared ones: "massv-async" overlaps the host's scheduling
 # and input preparation with the GPU (vLLM allows async scheduling for draft models when asked).
 JOB_KW = {"massv-async": {"async_scheduling": True}}
+# Speculative-config keys per job on top of the MASSV drafter and γ.
+JOB_SPEC = {"massv-parallel": {"parallel_drafting": True}}
 EXTENSION = "benchmarks.cost_ext.CostProbe"
 
 # ---- shapes ------------------------------------------------------------------------------------
@@ -251,7 +258,7 @@ def _override(folder: Path, top: dict[str, Any], sections: dict[str, dict[str, A
 
 def write_shape_set(root: str | Path, preset_name: str) -> ShapeSet:
     """Config-only target, small LM and MASSV drafter folders of ``preset_name`` under ``root``."""
-    from massv_vllm.families import FAMILIES
+    from massv_vllm.families import FAMILIES, parallel_mask_token_id
     from massv_vllm.serving.checks import (
         check_pair,
         expected_shapes,
@@ -269,6 +276,7 @@ def write_shape_set(root: str | Path, preset_name: str) -> ShapeSet:
     s = ShapeSet(preset_name, pre.family, root / "target", root / "small-lm", root / "massv-drafter")
     if (s.drafter / "done").is_file():
         return s
+
     if root.exists():
         shutil.rmtree(root)
     tok = tiny.train_tokenizer(root / "tokenizer", pre.family)
@@ -318,6 +326,8 @@ def write_shape_set(root: str | Path, preset_name: str) -> ShapeSet:
     cfg = load_base_config(s.drafter, "drafter")
     setattr(cfg, CONFIG_KEY, massv.to_dict())
     cfg.architectures = [fam.drafter_architecture]
+    # The mask token for parallel drafting (ignored by sequential drafting): a padding row.
+    cfg.pard_token = parallel_mask_token_id(base_vocab, target_vocab, massv.target.image_token_id)
     cfg.save_pretrained(str(s.drafter))
     write_placeholder_safetensors(s.drafter / "model.safetensors", expected_shapes(cfg, massv))
     check_pair(s.drafter, tcfg, s.target)  # the same validation vLLM's "massv" path runs
@@ -597,9 +607,10 @@ def run_cost(
         if "stock" in jobs:
             spec = {"method": "draft_model", "model": str(shapes.small_lm), "num_speculative_tokens": g}
             plan.append((f"stock-g{g}", shapes.target, spec))
-        for mode in ("massv-stockloop", "massv", "massv-async"):  # "before" first: saved if "after" fails
+        for mode in ("massv-stockloop", "massv", "massv-async", "massv-parallel"):  # "before" first
             if mode in jobs:
-                plan.append((f"{mode}-g{g}", shapes.target, massv_spec(str(shapes.drafter), g)))
+                spec = massv_spec(str(shapes.drafter), g, **JOB_SPEC.get(mode, {}))
+                plan.append((f"{mode}-g{g}", shapes.target, spec))
     for name, model, spec in plan:
         path = out / "jobs" / f"{name}.json"
         if not fresh and path.is_file() and json.loads(path.read_text()).get("key") == key:
@@ -701,7 +712,7 @@ def summarise(
                     "speedup_vs_none": speedup(tpot("target", b), r["tpot_ms"]),
                     "predicted_full_acceptance": None
                     if gamma is None or cb is None
-                    else speedup_ceiling(gamma + 1, gamma, cb),
+                    else speedup_ceiling(gamma + 1, DRAFT_FORWARDS.get(mode, lambda g: g)(gamma), cb),
                     # What a drafter of mean accepted length τ would get with this engine's
                     # measured spec-step time (= TPOT at forced acceptance × (γ + 1)).
                     "predicted_at_mal": {}
@@ -766,7 +777,7 @@ SCHEMA = {
 
 def format_report(doc: dict[str, Any]) -> str:
     bs = [int(b) for b in doc["cost_ratio"]]
-    mals = [float(m) for m in doc["meta"]["settings"]["mals"]]
+    mals = [float(m) for m in doc.get("meta", {}).get("settings", {}).get("mals", [])]
     out = []
     rows = [[k, *[fmt(v.get(str(b)), 3) for b in bs]] for k, v in doc["step_ms"].items()]
     rows.append(["c = drafter/target", *[fmt(doc["cost_ratio"][str(b)], 3) for b in bs]])

@@ -80,3 +80,19 @@ def family_of_base(base_model_type: str) -> Family | None:
         if base_model_type in fam.base_model_types:
             return fam
     return None
+
+
+def parallel_mask_token_id(base_vocab_size: int, vocab_size: int, image_token_id: int) -> int:
+    """The token id a parallel-drafting drafter uses for its mask slots (vLLM's ``pard_token``).
+
+    It is the first row of the drafter's vocabulary *padding* (ids ``base_vocab_size`` ..
+    ``vocab_size - 1``, which the drafter never predicts: ``compute_logits`` masks them), so no
+    new vocabulary is needed. It must not be the target's image token: Gemma3's first padding row,
+    262144, *is* the image soft token."""
+    for token in range(base_vocab_size, vocab_size):
+        if token != image_token_id:
+            return token
+    raise ValueError(
+        f"no free padding row for a parallel-drafting mask token: the drafter's vocabulary "
+        f"({base_vocab_size}) is not padded below the target's ({vocab_size})"
+    )

@@ -46,6 +46,8 @@ def resolve_massv(args: Any, target_model_config: Any) -> None:
         else:
             args.spec_method = "draft_model"
     _check_lengths(info, target_model_config)
+    if spec.get("parallel_drafting"):
+        _check_parallel_drafting(info, model)
     if info.massv.target.family == "gemma3" and args.disable_hybrid_kv_cache_manager is None:
         # The drafter's sliding-window and full-attention layers must share one KV-cache group
         # (llm_base_proposer.validate_same_kv_cache_group); the hybrid manager would split them.
@@ -72,6 +74,37 @@ def startup_line(info: Any, drafter: str, target: str, args: Any) -> str:
         f"massv-vllm: drafter {drafter} | target {target} | γ={gamma} | projector {projector} | "
         f"patches on: {', '.join(on) or 'none'}" + (f" | off: {', '.join(off)}" if off else "")
     )
+
+
+PARALLEL_KEYS = ("pard_token", "ptd_token_id")  # where vLLM reads the mask id (llm_base_proposer)
+
+
+def _check_parallel_drafting(info: Any, model: str) -> None:
+    """``"parallel_drafting": true`` needs a drafter trained for it: its config.json names the mask
+    token (training takes a padding row: ``families.parallel_mask_token_id``), which must be a
+    vocabulary id and never the image token. Refused here, in the calling process, before any
+    engine starts; vLLM's own check would fail later inside the worker."""
+    from massv_vllm.serving.config import MassvConfigError
+
+    cfg = info.base_config
+    token = next((getattr(cfg, k) for k in PARALLEL_KEYS if getattr(cfg, k, None) is not None), None)
+    if token is None:
+        raise MassvConfigError(
+            f"MASSV drafter {model}",
+            '"parallel_drafting": true, but this drafter was not trained for parallel drafting '
+            "(its config.json has no pard_token); train it with the parallel-drafting option or "
+            "drop parallel_drafting",
+        )
+    massv = info.massv
+    problems = []
+    if not isinstance(token, int) or isinstance(token, bool):
+        problems.append(f"pard_token must be an integer token id, got {token!r}")
+    elif not 0 <= token < massv.target.vocab_size:
+        problems.append(f"pard_token {token} is outside the vocabulary (0..{massv.target.vocab_size - 1})")
+    elif token == massv.target.image_token_id:
+        problems.append(f"pard_token {token} is the target's image token id")
+    if problems:
+        raise MassvConfigError(f"MASSV drafter {model}", problems)
 
 
 def _check_lengths(info: Any, target_model_config: Any) -> None:

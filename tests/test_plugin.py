@@ -309,3 +309,41 @@ def test_startup_line_names_drafter_target_gamma_projector_and_patches(tiny_qwen
     assert "MASSV_PATCH_ALIAS" in line.split("| off:")[0] and line.endswith("| off: MASSV_FAST_DRAFT")
     text = startup_line(check_drafter(tiny_qwen.text_drafter), "D", "T", args)
     assert "projector none (text-only drafter)" in text
+
+
+def test_parallel_drafting_needs_a_drafter_trained_for_it(tiny_qwen, tmp_path):
+    """Refused in the calling process (before any engine): no mask id, or a bad one."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    from massv_vllm.patches.engine_args import resolve_massv
+    from massv_vllm.serving.config import MassvConfigError
+
+    target = types.SimpleNamespace(
+        hf_config=AutoConfig.from_pretrained(tiny_qwen.target),
+        tokenizer=str(tiny_qwen.target),
+        model=str(tiny_qwen.target),
+        max_model_len=2048,
+    )
+
+    def args(drafter):
+        spec = {"method": "massv", "model": str(drafter), "parallel_drafting": True}
+        base = dict(spec_method=None, spec_model=None, spec_tokens=None, disable_hybrid_kv_cache_manager=None)
+        return types.SimpleNamespace(speculative_config=spec, **base)
+
+    with pytest.raises(MassvConfigError, match="not trained for parallel drafting .*no pard_token"):
+        resolve_massv(args(tiny_qwen.drafter), target)
+    folder = tmp_path / "d"
+    shutil.copytree(tiny_qwen.drafter, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    image_id = cfg["massv"]["target"]["image_token_id"]
+    for bad, why in ((image_id, "is the target's image token id"), (10**9, "outside the vocabulary")):
+        (folder / "config.json").write_text(json.dumps(cfg | {"pard_token": bad}))
+        with pytest.raises(MassvConfigError, match=why):
+            resolve_massv(args(folder), target)
+    (folder / "config.json").write_text(json.dumps(cfg | {"pard_token": cfg["massv"]["base_vocab_size"]}))
+    a = args(folder)
+    resolve_massv(a, target)
+    assert a.speculative_config["method"] == "draft_model" and a.speculative_config["parallel_drafting"]

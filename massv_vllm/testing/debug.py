@@ -8,6 +8,8 @@ Pass ``worker_extension_cls="massv_vllm.testing.debug.DrafterProbe"`` to ``LLM(.
 
 ``rec["projector_inputs"]``: the image embeddings the drafter's projector received, one entry per
 call (shape + values), i.e. the target's own encoder outputs as vLLM hands them over.
+``rec["image_slots"]``: per call with images, the token ids under the image mask in the draft
+layout (must be only the image placeholder), the number of masked slots and of embedding rows.
 ``rec["drafts"]``: every proposal as {request id: draft token ids}. ``rec["positions"]``: the
 positions of every drafter forward (first pass and later steps). ``rec["steps"]``: per
 proposal, the batch's request ids, query_start_loc, computed tokens and image embeddings passed. Used by the tests and handy
@@ -31,7 +33,7 @@ class DrafterProbe:
         drafter = getattr(runner, "drafter", None)
         if drafter is None:
             raise RuntimeError("no drafter in this engine (speculative decoding is off)")
-        rec = {"projector_inputs": [], "drafts": [], "positions": [], "steps": []}
+        rec = {"projector_inputs": [], "drafts": [], "positions": [], "steps": [], "image_slots": []}
         runner._massv_probe = rec
         if getattr(drafter, "_massv_probe_installed", False):
             return True
@@ -42,6 +44,25 @@ class DrafterProbe:
                     {"shape": list(inp[0].shape), "values": inp[0].float().flatten().cpu().tolist()}
                 )
             )
+        orig_embed = model.embed_input_ids
+
+        def embed_input_ids(input_ids, *args, **kwargs):
+            mm = kwargs.get("multimodal_embeddings", args[0] if args else None)
+            mask = kwargs.get("is_multimodal")
+            if mm and mask is not None:
+                # Where the image rows land in the draft layout: the token ids under the mask must
+                # all be the image placeholder, and there must be one slot per embedding row.
+                ids = input_ids.flatten()[: mask.numel()].cpu()
+                runner._massv_probe["image_slots"].append(
+                    {
+                        "slot_tokens": sorted(set(ids[mask.cpu()].tolist())),
+                        "slots": int(mask.sum()),
+                        "rows": int(sum(e.reshape(-1, e.shape[-1]).shape[0] for e in mm)),
+                    }
+                )
+            return orig_embed(input_ids, *args, **kwargs)
+
+        model.embed_input_ids = embed_input_ids
         orig_forward = model.forward
 
         def forward(*args, **kwargs):

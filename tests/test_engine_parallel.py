@@ -1,0 +1,76 @@
+"""Parallel MASSV drafting (``"parallel_drafting": true``) on the tiny Qwen2.5-VL target (CPU).
+
+vLLM 0.26's ``draft_model`` path proposes all γ tokens in one drafter forward: after each
+request's tokens come the bonus token and γ-1 mask tokens (the id named by the drafter's
+``pard_token``), so the draft layout puts request r at ``query_start[r] + r·γ`` instead of
+``+ r``. The image mask must follow that layout. The drafter here is the target's mirror (its mask
+row untrained), so the first draft of each step is accepted and the others mostly not.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from massv_vllm.engine import make_llm, massv_spec, shutdown
+from massv_vllm.metrics import SpecCounters
+from massv_vllm.testing.lossless import greedy, prompt_suite
+from massv_vllm.testing.tiny import make_mirror_drafter, synthetic_image
+from massv_vllm.training.target_features import TargetEncoder
+from tests.engine_checks import (
+    ENGINE_KW,
+    GAMMA,
+    MAX_TOKENS,
+    SUITE_SIZE,
+    assert_lossless,
+    chat,
+    projector_inputs,
+    run_probed,
+)
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def parallel_drafter(tiny_qwen, tmp_path_factory):
+    folder = make_mirror_drafter(tiny_qwen.target, tiny_qwen.tokenizer, tmp_path_factory.mktemp("par") / "d")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["pard_token"] = cfg["vocab_size"] - 1  # the mirror has no padding rows: its last id
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen, parallel_drafter):
+    spec = massv_spec(str(parallel_drafter), GAMMA, parallel_drafting=True)
+    engine = make_llm(str(tiny_qwen.target), spec, probe=True, **ENGINE_KW)
+    yield engine
+    shutdown(engine)
+
+
+def test_parallel_drafting_is_lossless_with_accepted_drafts(llm, qwen_reference):
+    suite = prompt_suite(SUITE_SIZE, max_images=2, long_words=150)
+    assert_lossless(qwen_reference, greedy(llm, suite, MAX_TOKENS))
+    before = SpecCounters.from_llm(llm)
+    greedy(llm, [r for r in suite if r.num_images == 0], MAX_TOKENS)
+    delta = SpecCounters.from_llm(llm) - before
+    # The first draft of each step comes from the bonus slot, which the mirror gets right.
+    assert delta.num_drafts > 0 and delta.acceptance_per_position[0] > 0.8, delta
+    assert delta.mean_accepted_length > 1.8
+
+
+def test_image_rows_land_on_image_slots_in_the_parallel_layout(llm, tiny_qwen):
+    """With γ slots per request, the remapped mask still selects exactly the image placeholders,
+    one slot per embedding row, and the rows are the target's own image features."""
+    seeds, size = [931, 932], (250, 130)
+    _, rec = run_probed(llm, chat(seeds, size=size))
+    image_id = TargetEncoder(tiny_qwen.target, load_vision=False).image_token_id
+    assert rec["image_slots"], "the drafter received no image embeddings"
+    for call in rec["image_slots"]:
+        assert call["slot_tokens"] == [image_id] and call["slots"] == call["rows"], call
+    want = torch.cat(
+        TargetEncoder(tiny_qwen.target).image_features([synthetic_image(s, size) for s in seeds])
+    )
+    torch.testing.assert_close(projector_inputs(rec), want, atol=1e-4, rtol=1e-4)

@@ -27,7 +27,13 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 class DataError(ValueError):
-    """A data file or sample is malformed (the message names the file and sample)."""
+    """A data file or sample is malformed (the message names the file and sample).
+
+    ``reason`` is the short label a skipped sample is counted under in ``ReadStats``."""
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -51,65 +57,115 @@ class Record:
 
 @dataclass
 class ReadStats:
-    """Samples skipped while reading or preparing data, by reason (reported at the end of a run)."""
+    """Samples skipped while reading or preparing data, by reason (reported at the end of a run),
+    and samples kept but cut short (``cut``: a response truncated before a token it may not hold)."""
 
     seen: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    cut: Counter = field(default_factory=Counter)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
 
+    def note_cut(self, reason: str) -> None:
+        self.cut[reason] += 1
+
     def summary(self) -> str:
         parts = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
-        return f"{self.kept}/{self.seen} samples kept; skipped: {parts}"
+        out = f"{self.kept}/{self.seen} samples kept; skipped: {parts}"
+        if self.cut:
+            out += "; cut: " + ", ".join(f"{n} {r}" for r, n in sorted(self.cut.items()))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "kept": self.kept, "skipped": dict(self.skipped)}
+        return {"seen": self.seen, "kept": self.kept, "skipped": dict(self.skipped), "cut": dict(self.cut)}
+
+
+OUTSIDE_ROOT = "path outside image root"  # the skip reason of every path that leaves its root
+
+
+def _check_path_string(rel: Any) -> str:
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"image path must be a non-empty string, got {rel!r}", "malformed image path")
+    if "\x00" in rel:
+        raise DataError(f"image path {rel!r} contains a NUL byte", "malformed image path")
+    return rel
+
+
+def _inside(root: Path, p: Path, shown: str) -> Path:
+    """``p`` (absolute) resolved; DataError unless it lies inside ``root`` (symlinks followed)."""
+    try:
+        root_r = root.resolve()
+        full = p.resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a symlink loop, a name too long
+        raise DataError(f"image path {shown!r} cannot be resolved: {e}", "malformed image path") from e
+    if full != root_r and root_r not in full.parents:
+        raise DataError(f"image path {shown!r} escapes the image root {root}", OUTSIDE_ROOT)
+    return full
 
 
 def safe_join(root: Path, rel: str) -> Path:
     """``root / rel``, refusing absolute paths and anything resolving outside ``root``."""
-    if not isinstance(rel, str) or not rel:
-        raise DataError(f"image path must be a non-empty string, got {rel!r}")
+    rel = _check_path_string(rel)
     p = Path(rel)
     if p.is_absolute():
-        raise DataError(f"image path {rel!r} is absolute; paths must be relative to the image root")
-    root_r = root.resolve()
-    full = (root_r / p).resolve()
-    if full != root_r and root_r not in full.parents:
-        raise DataError(f"image path {rel!r} escapes the image root {root}")
-    return full
+        raise DataError(
+            f"image path {rel!r} is absolute; paths must be relative to the image root", OUTSIDE_ROOT
+        )
+    return _inside(root, root.resolve() / p, rel)
+
+
+def confine(root: Path, path: str) -> Path:
+    """``path`` resolved against ``root``; an absolute path is accepted only when it lies inside
+    ``root`` (``datasets`` image folders record absolute paths of their own files)."""
+    path = _check_path_string(path)
+    if Path(path).is_absolute():
+        return _inside(root, Path(path), path)
+    return safe_join(root, path)
 
 
 def load_image(src: Any):
-    """Open an image as RGB; raises DataError for missing, unreadable or empty images.
+    """Open an image as RGB; raises DataError (``reason``: missing, unreadable, empty or too large
+    image) for one that cannot be used.
 
     ``src``: a path, a PIL image, a file-like object, or an undecoded ``datasets`` image
-    (``{"bytes": ..., "path": ...}``)."""
+    (``{"bytes": ..., "path": ...}``; the readers confine its path to the image root first).
+    An image whose header claims more than PIL's ``Image.MAX_IMAGE_PIXELS`` pixels is refused
+    before it is decoded (a decompression bomb)."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(src, dict):
-        if src.get("bytes"):
+        if isinstance(src.get("bytes"), (bytes, bytearray)) and src["bytes"]:
             return load_image(io.BytesIO(src["bytes"]))
-        if src.get("path"):
+        if isinstance(src.get("path"), (str, Path)) and src["path"]:
             return load_image(src["path"])
-        raise DataError("image entry has neither bytes nor a path")
+        raise DataError("image entry has neither bytes nor a path", "unreadable image")
     if isinstance(src, Image.Image):
         img = src
     else:
         try:
             with Image.open(src) as im:
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and im.width * im.height > limit:
+                    raise DataError(
+                        f"image {src} is too large: {im.width}x{im.height} pixels (more than {limit})",
+                        "image too large",
+                    )
                 im.load()
                 img = im.copy()
+        except DataError:
+            raise
         except FileNotFoundError as e:
-            raise DataError(f"image not found: {src}") from e
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"unreadable image {src}: {e}") from e
+            raise DataError(f"image not found: {src}", "missing image") from e
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # warning: -W error
+            raise DataError(f"image {src} is too large: {e}", "image too large") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+            raise DataError(f"unreadable image {src}: {e}", "unreadable image") from e
     if img.width == 0 or img.height == 0:
-        raise DataError(f"image {src} has zero size")
+        raise DataError(f"image {src} has zero size", "empty image")
     return img.convert("RGB")
 
 
@@ -133,27 +189,54 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def parse_llava(obj: Any, image_root: Path, where: str) -> Record:
+    """One LLaVA sample as a ``Record``; DataError (with the ``reason`` it is counted under) for
+    anything of the wrong shape or type, and for image paths leaving ``image_root``."""
     if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
         raise DataError(f"{where}: sample needs a 'conversations' list")
+    if not obj["conversations"]:
+        raise DataError(f"{where}: 'conversations' is empty", "empty conversation")
     imgs = obj.get("images", obj.get("image"))
-    rels = [] if imgs is None else [imgs] if isinstance(imgs, str) else list(imgs)
+    if imgs is None:
+        rels = []
+    elif isinstance(imgs, str):
+        rels = [imgs]
+    elif isinstance(imgs, list):
+        rels = imgs
+    else:
+        raise DataError(
+            f"{where}: 'image'/'images' must be a path or a list of paths, got {type(imgs).__name__}",
+            "malformed image field",
+        )
     turns = []
     for t in obj["conversations"]:
-        role = ROLES.get(t.get("from") or t.get("role"))
-        if role is None or not isinstance(t.get("value", t.get("content")), str):
-            raise DataError(f"{where}: bad turn {t!r}")
-        turns.append((role, t.get("value", t.get("content"))))
+        role = ROLES.get(t.get("from") or t.get("role")) if isinstance(t, dict) else None
+        text = t.get("value", t.get("content")) if isinstance(t, dict) else None
+        if role is None or not isinstance(text, str):
+            raise DataError(f"{where}: bad turn {t!r:.200}", "malformed turn")
+        turns.append((role, text))
+    if not any(r == "user" for r, _ in turns):
+        raise DataError(f"{where}: no user turn", "no user turn")
+    sample_id = obj.get("id", where)
+    if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
+        raise DataError(
+            f"{where}: 'id' must be a string or an integer, got {sample_id!r:.100}", "malformed id"
+        )
+    task = obj.get("task")
+    if task is not None and not isinstance(task, str):
+        raise DataError(f"{where}: 'task' must be a string, got {task!r:.100}", "malformed task")
+    images = [safe_join(image_root, r) for r in rels]  # type and NUL checks, confinement
     marks = sum(text.count(IMAGE_MARK) for _, text in turns)
     if rels and marks == 0:  # LLaVA convention: image before the first instruction
-        role, text = turns[0]
-        turns[0] = (role, IMAGE_MARK + "\n" + text)
+        first = next(i for i, (r, _) in enumerate(turns) if r == "user")
+        role, text = turns[first]
+        turns[first] = (role, IMAGE_MARK + "\n" + text)
     elif marks != len(rels):
-        raise DataError(f"{where}: {marks} '<image>' markers for {len(rels)} images")
+        raise DataError(f"{where}: {marks} '<image>' markers for {len(rels)} images", "image markers")
     return Record(
-        id=str(obj.get("id", where)),
-        images=[safe_join(image_root, r) for r in rels],
+        id=str(sample_id),
+        images=images,
         turns=turns,
-        task=obj.get("task"),
+        task=task,
         meta={k: v for k, v in obj.items() if k not in ("id", "image", "images", "conversations", "task")},
     )
 
@@ -163,7 +246,8 @@ def read_llava(
 ) -> Iterator[Record]:
     """Records of a LLaVA-style JSON/JSONL file; ``image_root`` defaults to the file's folder.
 
-    Malformed samples and image paths escaping the root are skipped and counted in ``stats``.
+    Malformed samples and image paths escaping the root are skipped and counted in ``stats``
+    under the reason of their ``DataError``.
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -173,9 +257,7 @@ def read_llava(
         try:
             rec = parse_llava(obj, root, f"{path.name}[{i}]")
         except DataError as e:
-            stats.skip(
-                "path outside image root" if "escapes" in str(e) or "absolute" in str(e) else "malformed"
-            )
+            stats.skip(e.reason)
             continue
         stats.kept += 1
         yield rec
@@ -191,10 +273,18 @@ def read_hf_dataset(
     id_column: str | None = None,
     split: str = "train",
     stats: ReadStats | None = None,
+    image_root: str | Path | None = None,
 ) -> Iterator[Record]:
     """Records of a ``datasets`` dataset: a ``save_to_disk`` folder, a parquet file/folder, or an
-    imagefolder. Column names come from the command line."""
-    ds = _undecoded_images(_open_dataset(Path(path), split), image_column)
+    imagefolder. Column names come from the command line.
+
+    Images stored as bytes are used as they are; an image given by path (an image folder, a path
+    column, an image struct without bytes) must lie inside ``image_root`` (default: the dataset's
+    folder, or the parquet file's), like the paths of LLaVA files. Rows with a path outside it, or
+    with values of the wrong type, are skipped and counted."""
+    p = Path(path)
+    root = Path(image_root) if image_root is not None else (p if p.is_dir() else p.parent)
+    ds = _undecoded_images(_open_dataset(p, split), image_column)
     stats = stats if stats is not None else ReadStats()
     missing = [
         c
@@ -206,10 +296,17 @@ def read_hf_dataset(
     for i, row in enumerate(ds):
         stats.seen += 1
         img = row[image_column]
-        imgs = [] if img is None else list(img) if isinstance(img, list) else [img]
         prompt = row[prompt_column]
-        if not isinstance(prompt, str):
-            stats.skip("malformed")
+        task = row.get(task_column) if task_column else None
+        try:
+            entries = [] if img is None else img if isinstance(img, list) else [img]
+            imgs = [_hf_image(x, root) for x in entries]
+            if not isinstance(prompt, str):
+                raise DataError(f"{path}[{i}]: prompt is not a string")
+            if task is not None and not isinstance(task, str):
+                raise DataError(f"{path}[{i}]: task is not a string", "malformed task")
+        except DataError as e:
+            stats.skip(e.reason)
             continue
         if imgs and IMAGE_MARK not in prompt:
             prompt = IMAGE_MARK * len(imgs) + "\n" + prompt
@@ -218,11 +315,30 @@ def read_hf_dataset(
             turns.append(("assistant", row[response_column]))
         stats.kept += 1
         yield Record(
-            id=str(row[id_column]) if id_column else f"{Path(path).name}[{i}]",
+            id=str(row[id_column]) if id_column else f"{p.name}[{i}]",
             images=imgs,
             turns=turns,
-            task=row.get(task_column) if task_column else None,
+            task=task,
         )
+
+
+def _hf_image(entry: Any, root: Path) -> Any:
+    """One image of a ``datasets`` row, as ``load_image`` takes it: a PIL image, ``{"bytes": ...}``,
+    or ``{"path": <confined path>}`` (a dict, not a path: its file is not under a LLaVA image root,
+    so generate.py saves such images beside its output like in-memory ones)."""
+    from PIL import Image
+
+    if isinstance(entry, Image.Image):
+        return entry
+    if isinstance(entry, dict):
+        data, path = entry.get("bytes"), entry.get("path")
+        if isinstance(data, (bytes, bytearray)) and data:
+            return {"bytes": bytes(data)}
+        if not data and path is not None:
+            return {"path": str(confine(root, path))}
+    elif isinstance(entry, str):
+        return {"path": str(confine(root, entry))}
+    raise DataError(f"image entry {entry!r:.100} is neither image bytes nor a path", "malformed image field")
 
 
 def _undecoded_images(ds, column: str):
@@ -266,7 +382,7 @@ def read_records(
     p = Path(path)
     if p.suffix in (".json", ".jsonl"):
         return read_llava(p, image_root, stats)
-    return read_hf_dataset(p, stats=stats, **hf_columns)
+    return read_hf_dataset(p, stats=stats, image_root=image_root, **hf_columns)
 
 
 def read_sources(

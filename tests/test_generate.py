@@ -71,7 +71,8 @@ def test_generate_resumes_without_duplicates(llm, tiny_qwen, prompts, tmp_path):
     for r in rows:
         t, p, seed = sampling_for(r["source_id"], r["sample_index"], schedule, 0)
         assert r["sampling"] == {"temperature": t, "top_p": p, "seed": seed, "max_tokens": 8}
-        assert 0 < len(r["response_token_ids"]) <= 8 and r["finish_reason"] in ("stop", "length")
+        assert 0 < len(r["response_token_ids"]) <= 8
+        assert r["finish_reason"] in ("stop", "length", "placeholder")
         assert r["images"] and not Path(r["images"][0]).is_absolute()
         assert enc.image_token_id in r["prompt_token_ids"]
     assert len({r["sampling"]["temperature"] for r in rows}) > 1  # the schedule is really used
@@ -140,3 +141,65 @@ def test_bad_schedule_is_refused():
     for bad in ("0.5", "x:1", "0.5:0", "-1:1", ""):
         with pytest.raises(GenerationError):
             parse_schedule(bad)
+
+
+class FakeLLM:
+    """``LLM.chat`` stand-in: answers every prompt with ``answer`` (token ids), so a test can make
+    the target sample what it rarely does (a placeholder token) without an engine."""
+
+    def __init__(self, target: Path, answer: list[int]):
+        from types import SimpleNamespace
+
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.model_config = SimpleNamespace(hf_config=AutoConfig.from_pretrained(target))
+        self.tokenizer = AutoTokenizer.from_pretrained(target)
+        self.answer = answer
+        self.prompts = 0
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def chat(self, msgs, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        self.prompts += len(msgs)
+        text = self.tokenizer.decode(self.answer, skip_special_tokens=True)
+        out = SimpleNamespace(token_ids=list(self.answer), text=text, finish_reason="stop")
+        return [SimpleNamespace(prompt_token_ids=[1, 2, 3], outputs=[out]) for _ in msgs]
+
+
+def test_placeholder_tokens_are_cut_from_responses_and_bombs_skipped(tiny_qwen, tmp_path):
+    from tests.test_records import png_header_only
+
+    data = write_llava_set(tmp_path / "data", 4, kind="instruction")
+    rows = json.loads(data.read_text())
+    (data.parent / rows[2]["image"]).write_bytes(png_header_only(20_000, 20_000))
+    cfg = json.loads((tiny_qwen.target / "config.json").read_text())
+    end = 2  # <|im_end|> of the tiny tokenizer
+    llm = FakeLLM(tiny_qwen.target, [40, 41, cfg["image_token_id"], 42, end])
+    out = tmp_path / "gen"
+    res = generate(_args(tiny_qwen, data, out), llm)
+    assert res.total == 3 and llm.prompts == 3  # the bomb's prompt never reached the target
+    got = _rows(out)
+    assert [r["source_id"] for r in got] == [rows[i]["id"] for i in (0, 1, 3)]
+    for r in got:
+        assert r["response_token_ids"] == [40, 41] and r["finish_reason"] == "placeholder"
+        assert r["cut"] == {"at": 2, "token_id": cfg["image_token_id"], "vllm_finish_reason": "stop"}
+        assert r["conversations"][-1]["value"] == llm.tokenizer.decode([40, 41])
+    stats = json.loads((out / "generation.json").read_text())["stats"]
+    assert stats["skipped"] == {"image too large": 1}
+    assert stats["cut"] == {"response cut at an image/video placeholder token": 3}
+    # a rerun meets the same image again: counted again, nothing written twice
+    again = generate(_args(tiny_qwen, data, out), llm)
+    assert again.written == 0 and again.total == 3 and again.stats.skipped == {"image too large": 1}
+
+    # every placeholder kind counts (vision start/end, video), and a response that starts with one
+    # is skipped (and retried by a rerun: it is not marked done)
+    for tid in (cfg["vision_start_token_id"], cfg["vision_end_token_id"], cfg["video_token_id"]):
+        llm = FakeLLM(tiny_qwen.target, [tid, 40, end])
+        res = generate(_args(tiny_qwen, data, tmp_path / f"only-{tid}"), llm)
+        assert res.total == 0 and res.stats.skipped == {
+            "image too large": 1,
+            "response starts with an image/video placeholder token": 3,
+        }

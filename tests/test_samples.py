@@ -10,7 +10,13 @@ import torch
 from massv_vllm.testing.synthetic import CAPTIONS, write_llava_set
 from massv_vllm.testing.tiny import synthetic_image
 from massv_vllm.training.data.feature_cache import image_key
-from massv_vllm.training.data.records import ReadStats, Record, hf_messages, load_image, read_records
+from massv_vllm.training.data.records import (
+    ReadStats,
+    Record,
+    hf_messages,
+    load_image,
+    read_records,
+)
 from massv_vllm.training.data.samples import (
     IGNORE,
     RESPONSE_TOKEN_IDS,
@@ -239,3 +245,92 @@ def test_collate_pads_right_and_orders_features_batch_major(qwen_enc):
     )
     assert b.image_embeds[:, 0].tolist() == expect
     assert int((b.input_ids == qwen_enc.image_token_id).sum()) == len(expect)
+
+
+def _generated(img, prompt, gen, **meta):
+    turns = [("user", "<image>\nDescribe the image.")]
+    return Record(
+        id="g",
+        images=[img],
+        turns=turns,
+        meta={"response_token_ids": gen, "prompt_token_ids": prompt, **meta},
+    )
+
+
+def test_generated_token_ids_outside_the_vocabulary_are_skipped(qwen_enc):
+    img = synthetic_image(3, (56, 56))
+    rec = Record(id="g", images=[img], turns=[("user", "<image>\nDescribe the image.")])
+    prompt = qwen_enc.prompt_ids(qwen_enc.chat_prompt(hf_messages(rec)), [img]).input_ids
+    vocab = qwen_enc.config.get_text_config().vocab_size  # the drafter's embedding rows
+    builder = SampleBuilder(qwen_enc, max_len=1024, response=RESPONSE_TOKEN_IDS)
+    assert builder.build(0, _generated(img, prompt, [40, vocab - 1])) is not None  # the last row is fine
+    bad = [[40, vocab], [10**9], [-5, 40], [2**70], [40, True], [40, 4.0], [40, "41"]]
+    assert all(builder.build(i, _generated(img, prompt, ids)) is None for i, ids in enumerate(bad, 1))
+    # a prompt_token_ids of the wrong type is a mismatch, not a crash
+    assert builder.build(9, _generated(img, 7, [40])) is None
+    assert builder.build(10, _generated(img, [2**70], [40])) is None
+    assert dict(builder.stats.skipped) == {
+        "generated token ids outside the vocabulary": len(bad),
+        "prompt differs from generation": 2,
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_placeholder_tokens_in_generated_responses_are_cut_and_counted(family, request):
+    enc = request.getfixturevalue("qwen_enc" if family == "qwen2_5_vl" else "gemma_enc")
+    tok = enc.tokenizer
+    names = {
+        "qwen2_5_vl": ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"],
+        "gemma3": ["<image_soft_token>", "<start_of_image>", "<end_of_image>"],
+    }[family]
+    placeholders = [tok.convert_tokens_to_ids(n) for n in names]
+    assert enc.image_token_id in placeholders
+    img = synthetic_image(3, (56, 56))
+    rec = Record(id="g", images=[img], turns=[("user", "<image>\nDescribe the image.")])
+    prompt = enc.prompt_ids(enc.chat_prompt(hf_messages(rec)), [img]).input_ids
+    end = end_of_turn_id(enc)
+    builder = SampleBuilder(enc, max_len=1024, response=RESPONSE_TOKEN_IDS)
+    for i, ph in enumerate(placeholders):
+        sample, _ = builder.build(i, _generated(img, prompt, [40, 41, ph, 42, enc.image_token_id, end]))
+        assert sample.input_ids.tolist() == prompt + [40, 41]  # cut at the first placeholder
+        assert int((sample.input_ids == enc.image_token_id).sum()) == sum(sample.image_tokens)
+    assert builder.build(9, _generated(img, prompt, [enc.image_token_id, 40, end])) is None
+    assert builder.build(10, _generated(img, prompt, [40, 41, end])) is not None  # untouched
+    assert dict(builder.stats.cut) == {"response cut at an image/video placeholder token": len(names)}
+    assert dict(builder.stats.skipped) == {"response starts with an image/video placeholder token": 1}
+    assert builder.stats.summary().endswith(
+        f"; cut: {len(names)} response cut at an image/video placeholder token"
+    )
+    # a caption that spells a placeholder out is tokenized to it: skipped, not trained on
+    text = SampleBuilder(enc, max_len=1024)
+    cap = Record(id="c", images=[img], turns=[*rec.turns, ("assistant", f"A {names[0]} circle.")])
+    assert text.build(0, cap) is None
+    assert dict(text.stats.skipped) == {"response text holds an image/video placeholder token": 1}
+
+
+def test_image_placeholder_in_a_response_is_named_in_the_mismatch_error(tiny_qwen):
+    from massv_vllm.training.modeling import MassvDrafter
+
+    d = MassvDrafter.from_pretrained(tiny_qwen.drafter).eval()
+    im = d.massv.target.image_token_id
+    ids = torch.tensor([[30, im, im, 31, 40, im, 41]])  # prompt: 4 tokens (2 image), response: 3
+    labels = torch.tensor([[IGNORE] * 4 + [40, im, 41]])
+    feats = torch.randn(2, d.massv.projector.input_dim)
+    with pytest.raises(
+        ValueError, match=r"3 image-token positions .* \(2 in the prompts, 1 in the responses\)"
+    ):
+        d(ids, image_embeds=feats, labels=labels)
+    with pytest.raises(ValueError, match=r"\(all in the prompts\): the prompt's placeholder expansion"):
+        d(ids[:, :4], image_embeds=feats[:1], labels=labels[:, :4])
+
+
+def test_decompression_bomb_image_is_a_counted_skip(tmp_path, qwen_enc):
+    from tests.test_records import png_header_only
+
+    path = write_llava_set(tmp_path, 3)
+    rows = json.loads(path.read_text())
+    (tmp_path / rows[1]["image"]).write_bytes(png_header_only(20_000, 20_000))
+    builder = SampleBuilder(qwen_enc, max_len=1024)
+    samples = _build_all(builder, read_records(path))
+    assert [s.id for s in samples] == [rows[0]["id"], rows[2]["id"]]
+    assert dict(builder.stats.skipped) == {"image too large": 1}

@@ -18,6 +18,14 @@ produced them (``response_token_ids``; ends with the stop token when the target 
 itself), the prompt token ids vLLM ran (``prompt_token_ids``: SDViT checks its own prompt
 layout against them), the sampling parameters and image paths relative to the image root.
 A killed run resumes where it stopped: done keys are skipped, nothing is duplicated.
+
+A response in which the target sampled an image/video placeholder token (image pad, vision
+start/end, Gemma's image soft token / start or end of image) is cut before that token (its
+``finish_reason`` becomes ``"placeholder"``, ``cut`` records where and what vLLM said) and counted
+in the statistics: SDViT would otherwise find more image positions than images in the sample. One
+whose very first token is a placeholder is skipped and counted. Images that cannot be used
+(missing, unreadable, empty, or claiming more pixels than PIL's decompression-bomb limit) skip
+their prompt and are counted.
 """
 
 from __future__ import annotations
@@ -42,7 +50,14 @@ from massv_vllm.training.data.records import (
     openai_messages,
     read_sources,
 )
-from massv_vllm.training.data.samples import skip_reason, strip_images
+from massv_vllm.training.data.samples import (
+    PLACEHOLDER_CUT,
+    PLACEHOLDER_ONLY,
+    first_placeholder,
+    placeholder_token_ids,
+    skip_reason,
+    strip_images,
+)
 
 DEFAULT_SCHEDULE = "0.0:1.0,0.3:0.9,0.7:0.95,1.0:1.0"
 OUTPUT = "generated.jsonl"
@@ -297,6 +312,7 @@ def _generate(
         kw = {"tensor_parallel_size": args.tensor_parallel_size} if args.tensor_parallel_size > 1 else {}
         llm = make_llm(args.target, max_model_len=args.max_model_len, max_images=args.max_images, **kw)
 
+    placeholders, tokenizer = _placeholders(llm) if work else (frozenset(), None)
     written = 0
     bar = tqdm(total=len(work), desc="generating", unit="resp", disable=args.no_progress)
     for lo in range(0, len(work), args.shard_size):
@@ -323,17 +339,29 @@ def _generate(
             if o is None:
                 continue
             c = o.outputs[0]
+            ids, text, finish, cut = list(c.token_ids), c.text, c.finish_reason, None
+            k = first_placeholder(ids, placeholders)
+            if k == 0:
+                stats.skip(PLACEHOLDER_ONLY)
+                continue
+            if k is not None:
+                cut = {"at": k, "token_id": ids[k], "vllm_finish_reason": finish}
+                ids, finish = ids[:k], "placeholder"
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                stats.note_cut(PLACEHOLDER_CUT)
             row: dict[str, Any] = {
                 "id": f"{rec.id}#{s}",
                 "source_id": rec.id,
                 "sample_index": s,
                 "conversations": [{"from": _BACK_ROLES[r], "value": v} for r, v in _prompt_turns(rec)]
-                + [{"from": "gpt", "value": c.text}],
-                "response_token_ids": list(c.token_ids),
+                + [{"from": "gpt", "value": text}],
+                "response_token_ids": ids,
                 "prompt_token_ids": list(o.prompt_token_ids),
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish,
                 "sampling": {"temperature": t, "top_p": p, "seed": seed, "max_tokens": args.max_tokens},
             }
+            if cut is not None:
+                row["cut"] = cut
             if images:
                 row["images"] = _image_paths(rec, images, image_root, out)
             if rec.task is not None:
@@ -376,6 +404,12 @@ def _generate(
         file=sys.stderr,
     )
     return GenerationResult(out, written, total, stats)
+
+
+def _placeholders(llm: Any) -> tuple[frozenset[int], Any]:
+    """The target's placeholder token ids (responses are cut before them) and its tokenizer."""
+    tokenizer = llm.get_tokenizer()
+    return placeholder_token_ids(llm.model_config.hf_config, tokenizer), tokenizer
 
 
 def _chat(llm: Any, msgs: list[Any], params: list[Any], stats: ReadStats) -> list[Any]:

@@ -49,19 +49,34 @@ def mask_padded_vocab(logits: torch.Tensor, base_vocab_size: int) -> torch.Tenso
 
 
 def merge_image_embeds(
-    embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, projected: torch.Tensor
+    embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    projected: torch.Tensor,
+    response_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Overwrite the image-token positions of ``embeds`` [.., T, H] with ``projected`` [N, H].
 
     Rows of ``projected`` fill the image positions in reading order (batch-major), the order vLLM
-    concatenates a request's image embeddings in.
+    concatenates a request's image embeddings in. ``response_mask`` (like ``input_ids``; True on
+    response tokens) lets a count mismatch say whether a response holds image tokens.
     """
     mask = input_ids == image_token_id
     n = int(mask.sum())
     if n != projected.shape[0]:
+        in_response = 0 if response_mask is None else int((mask & response_mask.to(mask.device)).sum())
+        if in_response:
+            where = (
+                f" ({n - in_response} in the prompts, {in_response} in the responses): a response holds "
+                "image placeholder tokens, which only a prompt's image expansion may hold "
+                "(SampleBuilder cuts generated responses before them)"
+            )
+        else:
+            where = (
+                " (all in the prompts)" if response_mask is not None else ""
+            ) + ": the prompt's placeholder expansion does not match the images"
         raise ValueError(
-            f"{n} image-token positions in input_ids but {projected.shape[0]} image embeddings: "
-            "the prompt's placeholder expansion does not match the images"
+            f"{n} image-token positions in input_ids but {projected.shape[0]} image embeddings{where}"
         )
     out = embeds.clone()
     out[mask] = projected.to(embeds.dtype)
@@ -83,13 +98,20 @@ class MassvDrafter(nn.Module):
     def config(self) -> Any:
         return self.base.config
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        response_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings (with Gemma's scaling) and projected image embeddings spliced in."""
         embeds = self.base.get_input_embeddings()(input_ids)
         if image_embeds is None or self.projector is None:
             return embeds
         projected = self.projector(image_embeds.to(embeds.device))
-        return merge_image_embeds(embeds, input_ids, self.massv.target.image_token_id, projected)
+        return merge_image_embeds(
+            embeds, input_ids, self.massv.target.image_token_id, projected, response_mask
+        )
 
     def forward(
         self,
@@ -101,8 +123,9 @@ class MassvDrafter(nn.Module):
     ) -> DrafterOutput:
         """``image_embeds``: [N, input_dim], the target's embeddings for every image token in
         ``input_ids`` (batch-major order). ``labels``: -100 where no loss is taken."""
+        response_mask = None if labels is None else labels != -100  # loss positions: the responses
         out = self.base(
-            inputs_embeds=self.embed(input_ids, image_embeds),
+            inputs_embeds=self.embed(input_ids, image_embeds, response_mask),
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,

@@ -224,7 +224,10 @@ def prepare_data(args: argparse.Namespace, phase: str, model: Any, dist: Dist, o
         iter_records(args, read_stats), builder, features, max_samples=args.max_samples, progress=progress
     )
     stats = ReadStats(
-        seen=read_stats.seen, kept=len(samples), skipped=read_stats.skipped + build_stats.skipped
+        seen=read_stats.seen,
+        kept=len(samples),
+        skipped=read_stats.skipped + build_stats.skipped,
+        cut=read_stats.cut + build_stats.cut,
     )
     say(dist, f"data: {stats.summary()}")
     if features is not None:

@@ -6,12 +6,16 @@ the response: for phase 1 the caption text tokenized plus the end-of-turn token,
 exact token ids the target generated (``generate.py`` records them). Labels are -100 on every
 prompt token (image positions included) and the token ids on the response.
 
-Samples that cannot be used (unreadable/missing images, too long, no response) are skipped and
-counted in ``ReadStats``; a run never stops on one bad sample.
+Samples that cannot be used (unreadable/missing/oversized images, too long, no response, token
+ids outside the target's vocabulary) are skipped and counted in ``ReadStats``; a run never stops on
+one bad sample. A generated response holding an image/video placeholder token (the target can
+sample one) is cut before it and counted (``ReadStats.cut``): the drafter would otherwise find more
+image positions than image features.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +48,53 @@ class Sample:
 
 
 def skip_reason(err: DataError) -> str:
-    msg = str(err)
-    if "not found" in msg:
-        return "missing image"
-    if "zero size" in msg:
-        return "empty image"
-    return "unreadable image"
+    """The reason an image that ``load_image`` refused is counted under."""
+    return err.reason if err.reason != "malformed" else "unreadable image"
+
+
+# Config attributes naming multimodal placeholder / delimiter tokens: Qwen2.5-VL's image_token_id,
+# video_token_id, vision_start/end_token_id, vision_token_id; Gemma3's image_token_index (the image
+# soft token), boi_token_index / eoi_token_index (start / end of image); audio ones of other VLMs.
+_PLACEHOLDER_ATTR = re.compile(r"^(image|video|vision|audio|boi|eoi|boa|eoa)(_\w+)?_token_(id|index)$")
+_PLACEHOLDER_TOKENS = (
+    "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<image_soft_token>", "<start_of_image>", "<end_of_image>", "<image>", "<video>",
+)  # fmt: skip
+PLACEHOLDER_CUT = "response cut at an image/video placeholder token"
+PLACEHOLDER_ONLY = "response starts with an image/video placeholder token"
+
+
+def placeholder_token_ids(config: Any, tokenizer: Any = None) -> frozenset[int]:
+    """Token ids that only a prompt's multimodal placeholders may hold (image, video, vision
+    start/end, Gemma's image soft token and start/end of image): from the target's HF config (a
+    ``PretrainedConfig`` or a dict, top level and text config) and its tokenizer's vocabulary.
+    The end-of-turn / end-of-sequence tokens are never among them."""
+    raw = config if isinstance(config, dict) else config.to_dict()
+    out: set[int] = set()
+    for section in (raw, raw.get("text_config") or {}, raw.get("vision_config") or {}):
+        for k, v in section.items():
+            if _PLACEHOLDER_ATTR.match(k) and isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                out.add(v)
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab()
+        names = set(_PLACEHOLDER_TOKENS)
+        for attr in ("image_token", "video_token", "boi_token", "eoi_token"):
+            if isinstance(getattr(tokenizer, attr, None), str):
+                names.add(getattr(tokenizer, attr))
+        out |= {vocab[n] for n in names if n in vocab}
+        eos = getattr(tokenizer, "eos_token_id", None)
+        out -= set(eos if isinstance(eos, list) else [eos])
+    return frozenset(out)
+
+
+def first_placeholder(ids: list[int], placeholders: frozenset[int]) -> int | None:
+    """Position of the first placeholder token in ``ids``, or None."""
+    return next((i for i, t in enumerate(ids) if t in placeholders), None)
+
+
+def valid_token_ids(ids: Any, vocab_size: int) -> bool:
+    """A non-empty list of ints (not bools) each in ``[0, vocab_size)``."""
+    return isinstance(ids, list) and bool(ids) and all(type(t) is int and 0 <= t < vocab_size for t in ids)
 
 
 def end_of_turn_id(encoder: Any) -> int:
@@ -93,6 +138,9 @@ class SampleBuilder:
         self.stats = stats if stats is not None else ReadStats()
         self.check_prompt_ids = check_prompt_ids
         self.end_id = end_of_turn_id(encoder)
+        # Token ids must index the drafter's embedding table: the target's (padded) text vocab.
+        self.vocab_size = encoder.family.text_vocab_size(encoder.config)
+        self.placeholders = placeholder_token_ids(encoder.config, encoder.tokenizer)
 
     def build(self, index: int, record: Record) -> tuple[Sample, list[Any]] | None:
         """The sample and its loaded images, or None (skip counted in ``stats``)."""
@@ -103,9 +151,10 @@ class SampleBuilder:
             except DataError as e:
                 self.stats.skip(skip_reason(e))
                 return None
-        response = self._response_ids(record)
-        if response is None:
+        got = self._response_ids(record)
+        if got is None:
             return None
+        response, cut = got
         text = self.encoder.chat_prompt(hf_messages(record))
         try:
             prompt = self.encoder.prompt_ids(text, images)
@@ -114,7 +163,7 @@ class SampleBuilder:
             return None
         # Data from generate.py carries the prompt vLLM actually ran: it must match ours.
         ran = record.meta.get("prompt_token_ids") if self.check_prompt_ids else None
-        if ran is not None and list(ran) != prompt.input_ids:
+        if ran is not None and ran != prompt.input_ids:
             self.stats.skip("prompt differs from generation")
             return None
         ids = prompt.input_ids + response
@@ -131,21 +180,36 @@ class SampleBuilder:
             image_keys=[image_key(im) for im in images],
             image_tokens=list(prompt.num_image_tokens),
         )
+        if cut:
+            self.stats.note_cut(PLACEHOLDER_CUT)
         return sample, images
 
-    def _response_ids(self, record: Record) -> list[int] | None:
+    def _response_ids(self, record: Record) -> tuple[list[int], bool] | None:
+        """The response's token ids and whether they were cut at a placeholder; None: skipped."""
         if self.response == RESPONSE_TOKEN_IDS:
             ids = record.meta.get("response_token_ids")
-            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+            if not isinstance(ids, list) or not ids:
                 self.stats.skip("no generated token ids")
                 return None
-            return list(ids)  # verbatim: the end token is there iff the target stopped by itself
+            if not valid_token_ids(ids, self.vocab_size):
+                self.stats.skip("generated token ids outside the vocabulary")
+                return None
+            # verbatim (the end token is there iff the target stopped by itself), but never past a
+            # placeholder token: the sample would hold more image positions than images
+            cut = first_placeholder(ids, self.placeholders)
+            if cut == 0:
+                self.stats.skip(PLACEHOLDER_ONLY)
+                return None
+            return (list(ids), False) if cut is None else (list(ids[:cut]), True)
         text = record.response
         if not text or not text.strip():
             self.stats.skip("no response")
             return None
         ids = self.encoder.tokenizer(text, add_special_tokens=False).input_ids
-        return list(ids) + [self.end_id]
+        if first_placeholder(ids, self.placeholders) is not None:  # a literal "<|image_pad|>" & co.
+            self.stats.skip("response text holds an image/video placeholder token")
+            return None
+        return [*ids, self.end_id], False
 
 
 @dataclass

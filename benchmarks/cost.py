@@ -14,6 +14,8 @@ starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
 * ``massv``:   target + the MASSV drafter (same small LM + projector) through ``"massv"`` (per γ);
 * ``massv-stockloop``: the same with vLLM's own draft loop (``MASSV_FAST_DRAFT=0``), the "before";
 * ``massv-async``: ``massv`` with ``async_scheduling=True``;
+* ``massv-fullgraph`` (``-async``): ``massv`` (``-async``) with the first draft pass of decode steps
+  as a full graph too (``MASSV_FAST_DRAFT_FIRST_PASS=1``);
 * ``massv-parallel``: ``massv`` with ``"parallel_drafting": true`` (one drafter forward proposes all
   γ tokens; the drafter folder names a mask token, ``pard_token``). Its ceiling counts one drafter
   forward, approximated by the drafter's own decode step time.
@@ -37,10 +39,8 @@ prompts with ``ignore_eos``: prefill and the first token cancel out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -64,15 +64,30 @@ from benchmarks.report import (
 from massv_vllm.metrics import SpecCounters, speedup, speedup_ceiling
 
 RESULTS_VERSION = 1
-JOBS = ("target", "drafter", "stock", "massv", "massv-stockloop", "massv-async", "massv-parallel")
+JOBS = (
+    "target",
+    "drafter",
+    "stock",
+    "massv",
+    "massv-stockloop",
+    "massv-async",
+    "massv-fullgraph",
+    "massv-fullgraph-async",
+    "massv-parallel",
+)
 # Drafter forwards per spec step: γ sequential ones, or one for parallel drafting.
 DRAFT_FORWARDS = {"massv-parallel": lambda gamma: 1}
 # Engine-process environment per job: "massv-stockloop" is MASSV on vLLM's own draft loop (the
 # starting point of the fast-drafting work), "massv" the full-graph loop (patches/_draft_loop.py).
-JOB_ENV = {"massv-stockloop": {"MASSV_FAST_DRAFT": "0"}}
+FIRST_PASS = {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+JOB_ENV = {
+    "massv-stockloop": {"MASSV_FAST_DRAFT": "0"},
+    "massv-fullgraph": FIRST_PASS,
+    "massv-fullgraph-async": FIRST_PASS,
+}
 # Engine arguments per job on top of the shared ones: "massv-async" overlaps the host's scheduling
 # and input preparation with the GPU (vLLM allows async scheduling for draft models when asked).
-JOB_KW = {"massv-async": {"async_scheduling": True}}
+JOB_KW = {"massv-async": {"async_scheduling": True}, "massv-fullgraph-async": {"async_scheduling": True}}
 # Speculative-config keys per job on top of the MASSV drafter and γ.
 JOB_SPEC = {"massv-parallel": {"parallel_drafting": True}}
 EXTENSION = "benchmarks.cost_ext.CostProbe"
@@ -449,21 +464,6 @@ def profile_decode(
     return llm.collective_rpc("massv_profile_stop", args=(str(trace) if trace else None,))[0]
 
 
-@contextlib.contextmanager
-def engine_env(env: dict[str, str] | None):
-    """Set environment variables while an engine starts: its processes inherit them."""
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_job(
     model: Path,
     spec: dict[str, Any] | None,
@@ -476,7 +476,7 @@ def run_job(
     profile_steps: int = 0,
     trace_dir: Path | None = None,
 ) -> dict[str, Any]:
-    from massv_vllm.engine import make_llm, shutdown
+    from massv_vllm.engine import engine_env, make_llm, shutdown
 
     t0 = time.perf_counter()
     with engine_env(env):
@@ -607,7 +607,8 @@ def run_cost(
         if "stock" in jobs:
             spec = {"method": "draft_model", "model": str(shapes.small_lm), "num_speculative_tokens": g}
             plan.append((f"stock-g{g}", shapes.target, spec))
-        for mode in ("massv-stockloop", "massv", "massv-async", "massv-parallel"):  # "before" first
+        modes = ("massv-stockloop", "massv", "massv-async", "massv-fullgraph", "massv-fullgraph-async")
+        for mode in (*modes, "massv-parallel"):  # "before" first: saved even if a later one fails
             if mode in jobs:
                 spec = massv_spec(str(shapes.drafter), g, **JOB_SPEC.get(mode, {}))
                 plan.append((f"{mode}-g{g}", shapes.target, spec))

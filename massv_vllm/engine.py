@@ -9,7 +9,10 @@ eager mode, a bounded KV cache (``gpu_memory_utilization`` means a share of RAM 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -84,3 +87,19 @@ def shutdown(llm: Any) -> None:
         core.shutdown()
     del llm
     gc.collect()
+
+
+@contextlib.contextmanager
+def engine_env(env: dict[str, str] | None) -> Iterator[None]:
+    """Set environment variables while an engine starts: its processes inherit them (e.g. a
+    patch switch for one engine of a benchmark); restored afterwards."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -23,7 +23,11 @@ so the API-server process never imports worker-only modules just to patch them.
 | cpu_model_runner         | CPUModelRunner (vllm/v1/worker/cpu_model_runner.py), CPU only  |
 | image_media_io           | ImageMediaIO (vllm/multimodal/media/image.py)                  |
 | media_connector          | MediaConnector (vllm/multimodal/media/connector.py)            |
+| media_fetch              | MediaConnector, HTTPConnection (.../media/connector.py,        |
+|                          | vllm/connections.py)                                           |
 | input_processing_context | InputProcessingContext (vllm/multimodal/processing/context.py) |
+| json_body                | function validate_json_request                                 |
+|                          | (vllm/entrypoints/serve/utils/api_utils.py)                    |
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ PATCH_MODULES = (
     "cpu_model_runner",
     "image_media_io",
     "media_connector",
+    "media_fetch",
     "input_processing_context",
+    "json_body",
 )
 _MARK = "__massv_patch__"
 _applied: list[str] = []

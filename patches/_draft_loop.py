@@ -26,7 +26,11 @@ vLLM's Model Runner V2 runs EAGLE draft steps. What a full graph needs, and how 
 
 Positions, KV slots and sequence lengths advance with vLLM's own kernel
 (``eagle_step_update_slot_mapping_and_metadata``), exactly as in the stock loop. The first draft
-step (the target's verified tokens plus the bonus token, variable length) is vLLM's own code.
+step (the target's verified tokens plus the bonus token) is vLLM's own code; with
+``MASSV_FAST_DRAFT_FIRST_PASS=1`` its forward also runs as a full graph when the batch is
+decode-shaped (γ+1 verified tokens and one bonus slot per request, no image in the window): vLLM's
+``set_inputs_first_pass`` still lays out inputs, positions and KV slots, the graph runs the
+drafter over n·(γ+2) slots and samples at the bonus slots.
 
 On a machine without CUDA graphs (vLLM's CPU backend, ``enforce_eager``) the loop runs the same
 steps eagerly, so the CPU engine tests cover its arithmetic. Cases it does not handle (sampled
@@ -72,14 +76,27 @@ class DraftDecodeLoop:
         self.query_start_loc = torch.zeros(self.max_reqs + 1, dtype=torch.int32, device=dev)
         self.tokens = torch.zeros(self.max_reqs, dtype=torch.int64, device=dev)
         self.block_table: torch.Tensor | None = None  # allocated at capture (needs the KV layout)
+        self.fp_sizes: set[int] = set()  # request counts with a captured first-pass graph
         self.arange_np = np.arange(self.max_reqs + 1, dtype=np.int32)
         self.captured = False
         self.calls = 0  # proposals made (tests check that this loop, not vLLM's, drafted)
-        self.graph = None
+        self.first_pass_calls = 0  # of which the first pass ran here too
+        # The first draft pass of a decode step (γ+1 verified tokens + 1 bonus slot per request)
+        # as one full graph as well (MASSV_FAST_DRAFT_FIRST_PASS, off by default until measured).
+        from massv_vllm.patches.envs import switch
+
+        self.first_pass_graphs = switch("MASSV_FAST_DRAFT_FIRST_PASS").enabled()
+        self.gamma = proposer.num_speculative_tokens
+        self.fp_query_start_loc = torch.zeros(self.max_reqs + 1, dtype=torch.int32, device=dev)
+        self.fp_seq_lens = torch.zeros(self.max_reqs, dtype=torch.int32, device=dev)
+        self.fp_sample_index = torch.zeros(self.max_reqs, dtype=torch.int64, device=dev)
+        self.graph = self.fp_graph = None
         if self.use_graphs:
             from vllm.compilation.cuda_graph import CUDAGraphWrapper
 
             self.graph = CUDAGraphWrapper(self._forward, cfg, CUDAGraphMode.FULL)
+            if self.first_pass_graphs:
+                self.fp_graph = CUDAGraphWrapper(self._first_pass_forward, cfg, CUDAGraphMode.FULL)
 
     # ---- eligibility ----------------------------------------------------------------------------
 
@@ -122,21 +139,47 @@ class DraftDecodeLoop:
         ids.copy_(tokens)  # the next step's input (int32 buffer)
         return self.tokens[:n]
 
-    def _attn_metadata(self, n: int, batch_size: int, max_seq_len: int, block_table: torch.Tensor):
+    def _first_pass_forward(self, num_tokens: int) -> torch.Tensor:
+        """The first draft pass over ``num_tokens`` = n·(γ+2) slots; captured as a full graph."""
+        p = self.p
+        n = num_tokens // (self.gamma + 2)
+        ids = p.input_ids[:num_tokens]
+        if p.supports_mm_inputs:
+            p.inputs_embeds[:num_tokens] = p.model.embed_input_ids(ids)
+            hidden = p.model(
+                input_ids=None, positions=p.positions[:num_tokens], inputs_embeds=p.inputs_embeds[:num_tokens]
+            )
+        else:
+            hidden = p.model(input_ids=ids, positions=p.positions[:num_tokens], inputs_embeds=None)
+        self.tokens[:n] = p._greedy_sample(hidden[self.fp_sample_index[:n]])
+        return self.tokens[:n]
+
+    def _attn_metadata(
+        self,
+        n: int,
+        batch_size: int,
+        max_seq_len: int,
+        block_table: torch.Tensor,
+        query_len: int = 1,
+        query_start_loc: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+    ):
+        """Attention metadata of a uniform step: ``n`` (padded) requests of ``query_len`` tokens,
+        the ``n - batch_size`` padded ones empty."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         p = self.p
-        qsl_cpu = torch.from_numpy(np.minimum(self.arange_np[: n + 1], batch_size))
+        qsl_cpu = torch.from_numpy(np.minimum(self.arange_np[: n + 1], batch_size) * query_len)
         cad = CommonAttentionMetadata(
-            query_start_loc=self.query_start_loc[: n + 1],
+            query_start_loc=(self.query_start_loc if query_start_loc is None else query_start_loc)[: n + 1],
             query_start_loc_cpu=qsl_cpu,
-            seq_lens=self.seq_lens[:n],
+            seq_lens=(self.seq_lens if seq_lens is None else seq_lens)[:n],
             num_reqs=n,
-            num_actual_tokens=n,
-            max_query_len=1,
+            num_actual_tokens=n * query_len,
+            max_query_len=query_len,
             max_seq_len=max_seq_len,
             block_table_tensor=block_table[:n],
-            slot_mapping=p._slot_mapping_buffer[:n],
+            slot_mapping=p._slot_mapping_buffer[: n * query_len],
         )
         per_layer = {}
         for group in p.draft_attn_groups:
@@ -150,21 +193,27 @@ class DraftDecodeLoop:
                 per_layer[name] = md
         return per_layer
 
-    def _run(self, n: int, per_layer: dict[str, Any], capture: bool = False) -> torch.Tensor:
+    def _run(
+        self, n: int, per_layer: dict[str, Any], capture: bool = False, first_pass: bool = False
+    ) -> torch.Tensor:
+        """One step over ``n`` requests: the decode step (one token each) or the first pass (γ+2
+        slots each); graph replay (capture) on CUDA, eager elsewhere."""
         from vllm.config import CUDAGraphMode
         from vllm.forward_context import BatchDescriptor, set_forward_context
 
         p = self.p
-        mode = CUDAGraphMode.FULL if self.use_graphs and (capture or self.captured) else CUDAGraphMode.NONE
+        tokens = n * (self.gamma + 2) if first_pass else n
+        graph, fn = (self.fp_graph, self._first_pass_forward) if first_pass else (self.graph, self._forward)
+        mode = CUDAGraphMode.FULL if graph is not None and (capture or self.captured) else CUDAGraphMode.NONE
         with set_forward_context(
             per_layer,
             p.vllm_config,
-            num_tokens=n,
+            num_tokens=tokens,
             cudagraph_runtime_mode=mode,
-            batch_descriptor=BatchDescriptor(num_tokens=n, num_reqs=n, uniform=True),
-            slot_mapping=p._get_slot_mapping(n),
+            batch_descriptor=BatchDescriptor(num_tokens=tokens, num_reqs=n, uniform=True),
+            slot_mapping=p._get_slot_mapping(tokens),
         ):
-            return self.graph(n) if self.graph is not None else self._forward(n)
+            return graph(tokens) if graph is not None else fn(tokens)
 
     # ---- capture (GPU runner start-up) ----------------------------------------------------------
 
@@ -194,8 +243,87 @@ class DraftDecodeLoop:
             ):
                 self._forward(n)  # warm-up (lazy initialisation, autotuning) outside the graph
             self._run(n, per_layer, capture=True)
+            if self.fp_graph is not None and n * (self.gamma + 2) <= p.max_num_tokens:
+                self._capture_first_pass(n)
         self.captured = True
         logger.info("massv-vllm: captured full CUDA graphs of the draft decode step for sizes %s", self.sizes)
+
+    def _capture_first_pass(self, n: int) -> None:
+        from vllm.config import CUDAGraphMode
+        from vllm.forward_context import BatchDescriptor, set_forward_context
+        from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+
+        p = self.p
+        q = self.gamma + 2
+        tokens = n * q
+        arange = torch.arange(n + 1, dtype=torch.int32, device=p.device)
+        self.fp_query_start_loc[: n + 1] = arange * q
+        self.fp_seq_lens[:n] = q
+        self.fp_sample_index[:n] = arange[:n] * q + q - 1
+        p.input_ids[:tokens] = 0
+        p.positions[:tokens] = 0
+        p._slot_mapping_buffer[:tokens] = PADDING_SLOT_ID
+        per_layer = self._attn_metadata(
+            n, n, p.max_model_len, self.block_table, q, self.fp_query_start_loc, self.fp_seq_lens
+        )
+        with set_forward_context(
+            per_layer,
+            p.vllm_config,
+            num_tokens=tokens,
+            cudagraph_runtime_mode=CUDAGraphMode.NONE,
+            batch_descriptor=BatchDescriptor(num_tokens=tokens, num_reqs=n, uniform=True),
+            slot_mapping=p._get_slot_mapping(tokens),
+        ):
+            self._first_pass_forward(tokens)
+        self._run(n, per_layer, capture=True, first_pass=True)
+        self.fp_sizes.add(n)
+
+    # ---- the first pass -------------------------------------------------------------------------
+
+    def handles_first_pass(self, cad: Any, mm_embed_inputs: Any, num_speculative_tokens: int) -> bool:
+        """A decode-shaped batch: every request has γ+1 verified tokens and no image in its window."""
+        if not self.first_pass_graphs or num_speculative_tokens != self.gamma:
+            return False
+        if mm_embed_inputs is not None and len(mm_embed_inputs[0]) > 0:
+            return False
+        b = cad.batch_size()
+        q = num_speculative_tokens + 1
+        if cad.max_query_len != q or cad.num_actual_tokens != b * q:
+            return False
+        n = self.padded_size(b)
+        return n is not None and (not self.use_graphs or n in self.fp_sizes)
+
+    def first_pass(self, cad: Any, sample_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first draft pass after vLLM's ``set_inputs_first_pass`` (which wrote input ids and
+        positions and built ``cad`` for γ+2 slots per request); returns (draft tokens, their
+        positions)."""
+        from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+
+        p = self.p
+        b = cad.batch_size()
+        n = self.padded_size(b)
+        assert n is not None
+        q = self.gamma + 2
+        used, tokens = b * q, n * q
+        torch.mul(torch.clamp(p.arange[: n + 1], max=b), q, out=self.fp_query_start_loc[: n + 1])
+        self.fp_seq_lens[:b] = cad.seq_lens[:b]
+        self.fp_seq_lens[b:n] = 0
+        self.fp_sample_index[:b] = sample_index[:b]
+        self.fp_sample_index[b:n] = 0
+        p._slot_mapping_buffer[:used] = cad.slot_mapping[:used]
+        p._slot_mapping_buffer[used:tokens] = PADDING_SLOT_ID
+        if self.use_graphs:
+            assert self.block_table is not None
+            self.block_table[:b, : cad.block_table_tensor.shape[1]] = cad.block_table_tensor[:b]
+            table = self.block_table
+        else:
+            table = cad.block_table_tensor
+        per_layer = self._attn_metadata(
+            n, b, cad.max_seq_len, table, q, self.fp_query_start_loc, self.fp_seq_lens
+        )
+        first = self._run(n, per_layer, first_pass=True)[:b].clone()
+        self.first_pass_calls += 1
+        return first, p.positions[sample_index]
 
     # ---- one speculative step -------------------------------------------------------------------
 

@@ -70,11 +70,13 @@ PROPOSE_PARAMS = (
 def fast_propose(self, loop, kw: dict) -> torch.Tensor:
     """vLLM's ``propose`` for a draft model, with steps 2..γ run by ``loop`` (patches/_draft_loop.py).
 
-    The first pass is vLLM's own code, method for method (llm_base_proposer.propose, vLLM 0.26.0)."""
+    The first pass is vLLM's own code, method for method (llm_base_proposer.propose, vLLM 0.26.0);
+    with ``MASSV_FAST_DRAFT_FIRST_PASS`` its forward runs in ``loop`` too for decode-shaped batches."""
     from vllm.forward_context import set_forward_context
 
     cad = kw["common_attn_metadata"]
     num_rejected = kw["num_rejected_tokens_gpu"]
+    fast_first_pass = loop.handles_first_pass(cad, kw["mm_embed_inputs"], kw["num_speculative_tokens"])
     self.num_speculative_tokens = kw["num_speculative_tokens"]
     self._last_draft_probs = None
     num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
@@ -86,22 +88,25 @@ def fast_propose(self, loop, kw: dict) -> torch.Tensor:
         cad=cad,
         num_rejected_tokens_gpu=num_rejected,
     )
-    _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
-    mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
-    model_kwargs, slot_mapping_size = self.build_model_inputs_first_pass(
-        num_tokens, num_input_tokens, kw["mm_embed_inputs"]
-    )
-    with set_forward_context(
-        per_layer,
-        self.vllm_config,
-        num_tokens=num_input_tokens,
-        num_tokens_across_dp=across_dp,
-        cudagraph_runtime_mode=mode,
-        slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping),
-    ):
-        hidden_states = self.model(**model_kwargs)
-    first = self._greedy_sample(hidden_states[token_indices_to_sample])
-    positions = self.positions[token_indices_to_sample]
+    if fast_first_pass:
+        first, positions = loop.first_pass(cad, token_indices_to_sample)
+    else:
+        _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
+        mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
+        model_kwargs, slot_mapping_size = self.build_model_inputs_first_pass(
+            num_tokens, num_input_tokens, kw["mm_embed_inputs"]
+        )
+        with set_forward_context(
+            per_layer,
+            self.vllm_config,
+            num_tokens=num_input_tokens,
+            num_tokens_across_dp=across_dp,
+            cudagraph_runtime_mode=mode,
+            slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping),
+        ):
+            hidden_states = self.model(**model_kwargs)
+        first = self._greedy_sample(hidden_states[token_indices_to_sample])
+        positions = self.positions[token_indices_to_sample]
     seq_lens = cad.seq_lens if num_rejected is None else cad.seq_lens - num_rejected
     return loop.draft(
         first, positions, seq_lens, cad.block_table_tensor, cad.max_seq_len, self.num_speculative_tokens

@@ -18,21 +18,24 @@ MAX_TOKENS = 16
 GAMMA = 3
 
 
-def mirror_engine(tiny, out_dir, text_only: bool = False):
+def mirror_engine(tiny, out_dir, text_only: bool = False, env: dict[str, str] | None = None):
     """A module-scoped MASSV engine (with the drafter probe) whose drafter mirrors the target
-    (generator body for a fixture)."""
-    from massv_vllm.engine import make_llm, massv_spec, shutdown
+    (generator body for a fixture); ``env``: patch switches for its processes."""
+    from massv_vllm.engine import engine_env, make_llm, massv_spec, shutdown
     from massv_vllm.testing.tiny import make_mirror_drafter
 
     drafter = make_mirror_drafter(tiny.target, tiny.tokenizer, out_dir, text_only=text_only)
-    engine = make_llm(str(tiny.target), massv_spec(str(drafter), GAMMA), probe=True, **ENGINE_KW)
+    with engine_env(env):
+        engine = make_llm(str(tiny.target), massv_spec(str(drafter), GAMMA), probe=True, **ENGINE_KW)
     yield engine
     shutdown(engine)
 
 
-def fast_loop_calls(llm) -> int | None:
-    """Proposals made by MASSV's own draft loop (patches/_draft_loop.py); needs the probe."""
-    return llm.collective_rpc("massv_fast_loop_calls")[0]
+def fast_loop_calls(llm, kind: str = "all") -> int | None:
+    """Proposals made by MASSV's own draft loop (patches/_draft_loop.py), ``all`` or those whose
+    ``first_pass`` ran there too; needs the probe."""
+    calls = llm.collective_rpc("massv_fast_loop_calls")[0]
+    return None if calls is None else calls[kind]
 
 
 def assert_mirror_accepts(llm, reference, image_floor: float | None = 2.0) -> dict[str, float]:

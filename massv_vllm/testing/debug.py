@@ -95,10 +95,11 @@ class DrafterProbe:
         drafter._massv_probe_installed = True
         return True
 
-    def massv_fast_loop_calls(self) -> int | None:
-        """Proposals made by MASSV's own draft loop (patches/_draft_loop.py); None: not set up."""
+    def massv_fast_loop_calls(self) -> dict[str, int] | None:
+        """Proposals made by MASSV's own draft loop (patches/_draft_loop.py): ``all``, and
+        ``first_pass`` (those whose first pass ran there too); None: not set up."""
         loop = getattr(getattr(self.model_runner, "drafter", None), "_massv_loop", None)
-        return None if loop is None else loop.calls
+        return None if loop is None else {"all": loop.calls, "first_pass": loop.first_pass_calls}
 
     def massv_probe_records(self) -> dict[str, Any]:
         return getattr(self.model_runner, "_massv_probe", None) or {}

@@ -208,3 +208,60 @@ def test_launcher_arguments_are_accepted(tiny_qwen):
         p.parse_args([*base, "--local-rank", "1", "--deepspeed-config", "c.json"]).deepspeed_config
         == "c.json"
     )
+
+
+def test_generation_json_cannot_move_the_image_root(tmp_path):
+    from massv_vllm.training.data.records import DataError
+    from massv_vllm.training.prepare import default_image_root
+
+    gen = tmp_path / "gen"
+    (gen / "images").mkdir(parents=True)
+    data = gen / "generated.jsonl"
+    data.write_text("")
+    meta = gen / "generation.json"
+    for root in (".", "images"):  # generate.py's own folder (datasets inputs): fine
+        meta.write_text(json.dumps({"image_root": root}))
+        assert default_image_root(data, None) == str((gen / root).resolve())
+    (gen / "up").symlink_to(tmp_path)
+    for root in ("/", "..", "../elsewhere", "images/../..", "up", str(tmp_path)):
+        meta.write_text(json.dumps({"image_root": root}))
+        with pytest.raises(DataError, match="outside the data's folder.*pass --image-root"):
+            default_image_root(data, None)
+        assert default_image_root(data, "/chosen/by/the/user") == "/chosen/by/the/user"
+    for bad in ('{"image_root": 5}', '{"image_root": "a\\u0000b"}', "not json", "[1]"):
+        meta.write_text(bad)
+        if bad == "[1]":
+            assert default_image_root(data, None) is None
+            continue
+        with pytest.raises(DataError, match="pass --image-root"):
+            default_image_root(data, None)
+
+
+def test_drafter_provenance_cannot_choose_the_feature_cache(tmp_path):
+    from massv_vllm.training.prepare import _default_cache
+
+    phase1 = tmp_path / "phase1"
+    drafter = phase1 / "drafter"
+    drafter.mkdir(parents=True)
+    out = tmp_path / "phase2"
+    args = build_parser(SDVIT).parse_args(
+        ["--drafter", str(drafter), "--target", "t", "--data", "x.json", "--out", str(out)]
+    )
+    prov = drafter / "provenance.json"
+    assert _default_cache(args, out) == out / "feature-cache"  # no provenance
+    (phase1 / "feature-cache").mkdir()
+    prov.write_text(json.dumps({"feature_cache": str(phase1 / "feature-cache")}))
+    assert _default_cache(args, out) == (phase1 / "feature-cache").resolve()  # phase 1's own: reused
+    victim = tmp_path / "home" / ".ssh"
+    victim.mkdir(parents=True)
+    (tmp_path / "elsewhere" / "feature-cache").mkdir(parents=True)
+    for recorded in (str(victim), "/", str(tmp_path / "elsewhere" / "feature-cache"), 7, None):
+        prov.write_text(json.dumps({"feature_cache": recorded}))
+        assert _default_cache(args, out) == out / "feature-cache"
+    # nor through a symlink beside the drafter
+    (phase1 / "feature-cache").rmdir()
+    (phase1 / "feature-cache").symlink_to(victim)
+    prov.write_text(json.dumps({"feature_cache": str(victim)}))
+    assert _default_cache(args, out) == out / "feature-cache"
+    prov.write_text("[not an object")
+    assert _default_cache(args, out) == out / "feature-cache"

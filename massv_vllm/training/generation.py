@@ -10,7 +10,9 @@ Output (``--out``)::
     shard-000000.jsonl ...   LLaVA-style records, one per response, written atomically (tmp + rename)
     index.json               done-index: shard -> keys (record id, sample index); rebuilt from shards
     generated.jsonl          all shards merged (what ``read_llava`` / sdvit.py read)
-    generation.json          settings, image root and statistics
+    generation.json          settings, image root and statistics (sdvit.py takes the image root
+                             from here only when it lies inside this folder: pass --image-root
+                             otherwise)
     images/                  only for HF-dataset inputs: their images, saved so SDViT can reload them
 
 Each record keeps the prompt turns, the response text *and* its token ids exactly as the target
@@ -403,6 +405,13 @@ def _generate(
         f"[massv] generate: wrote {written} responses; {total} in {out / OUTPUT}; {stats.summary()}",
         file=sys.stderr,
     )
+    root_r, out_r = image_root.resolve(), out.resolve()
+    if root_r != out_r and out_r not in root_r.parents:
+        print(
+            f"[massv] generate: the images stay in {root_r}; give sdvit.py --image-root {root_r} "
+            "(it does not take an image root outside the data's folder from generation.json)",
+            file=sys.stderr,
+        )
     return GenerationResult(out, written, total, stats)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from massv_vllm.training.data.feature_cache import FeatureCache, FeatureCacheError, image_key
-from massv_vllm.training.data.records import ReadStats, Record, load_image, read_sources
+from massv_vllm.training.data.records import DataError, ReadStats, Record, load_image, read_sources
 from massv_vllm.training.data.samples import (
     RESPONSE_TEXT,
     RESPONSE_TOKEN_IDS,
@@ -138,15 +138,38 @@ class FeatureSource:
 
 
 def default_image_root(data: Path, image_root: str | None) -> str | None:
-    """``--image-root``, else the root recorded by generate.py beside the data, else None."""
+    """``--image-root``, else the root recorded by generate.py beside the data, else None.
+
+    The recorded root is data, not a command-line choice: it is used only when it lies inside the
+    data file's folder (where generate.py keeps the images of ``datasets`` inputs). A root
+    elsewhere (generate.py read LLaVA images from another folder, or the file was tampered with:
+    ``"/"``) is refused with the ``--image-root`` to pass instead."""
     if image_root is not None:
         return image_root
     meta = data.parent / GENERATION_META
-    if data.suffix in (".json", ".jsonl") and meta.is_file():
-        root = json.loads(meta.read_text()).get("image_root")
-        if root:
-            return str((data.parent / root).resolve()) if not Path(root).is_absolute() else root
-    return None
+    if data.suffix not in (".json", ".jsonl") or not meta.is_file():
+        return None
+    try:
+        raw = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta}: cannot read it ({e}); pass --image-root") from e
+    root = raw.get("image_root") if isinstance(raw, dict) else None
+    if root is None or root == "":
+        return None
+    folder = data.parent.resolve()
+    try:
+        if not isinstance(root, str) or "\x00" in root:
+            raise ValueError(f"not a path: {root!r:.100}")
+        resolved = (folder / root).resolve()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"{meta}: bad image_root ({e}); pass --image-root") from e
+    if resolved != folder and folder not in resolved.parents:
+        raise DataError(
+            f"{meta} names the image root {resolved}, outside the data's folder {folder}; data cannot "
+            f"choose where images are read from: pass --image-root {resolved} if that is where "
+            "generate.py read them"
+        )
+    return str(resolved)
 
 
 def iter_records(args: argparse.Namespace, stats: ReadStats) -> Iterator[Record]:
@@ -217,7 +240,9 @@ def prepare_data(args: argparse.Namespace, phase: str, model: Any, dist: Dist, o
     progress = dist.main and not args.no_progress
     features, cache_dir = None, None
     if model.projector is not None:  # text-only drafters never look at image features
-        cache_dir = None if args.no_feature_cache else Path(args.feature_cache or _default_cache(args, out))
+        cache_dir = (
+            None if args.no_feature_cache else Path(args.feature_cache or _default_cache(args, out, dist))
+        )
         cache = FeatureCache(cache_dir, encoder.fingerprint(), writer=f"r{dist.rank}-{os.getpid()}")
         features = FeatureSource(cache, target, dist.device, feature_dtype, args.feature_batch_size, dist)
     samples = prepare_samples(
@@ -245,14 +270,34 @@ def prepare_data(args: argparse.Namespace, phase: str, model: Any, dist: Dist, o
     )
 
 
-def _default_cache(args: argparse.Namespace, out: Path) -> Path:
-    """Phase 2 reuses the cache phase 1 recorded in its drafter's provenance (same target)."""
-    prov = Path(args.drafter) / "provenance.json"
+def _default_cache(args: argparse.Namespace, out: Path, dist: Dist | None = None) -> Path:
+    """Phase 2 reuses the cache phase 1 recorded in its drafter's provenance (same target).
+
+    ``provenance.json`` is data: it may only *select* phase 1's default cache, the
+    ``feature-cache`` folder beside the ``--drafter`` folder (``<phase 1 out>/feature-cache``),
+    never name a folder to write to. A cache recorded anywhere else is not used (say so: pass
+    ``--feature-cache`` to reuse it); the run's own ``<out>/feature-cache`` is used instead."""
+    drafter = Path(args.drafter)
+    prov = drafter / "provenance.json"
+    recorded = None
     if prov.is_file():
         try:
-            recorded = json.loads(prov.read_text()).get("feature_cache")
-        except json.JSONDecodeError:
-            recorded = None
-        if recorded and Path(recorded).is_dir():
-            return Path(recorded)
+            raw = json.loads(prov.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raw = None
+        recorded = raw.get("feature_cache") if isinstance(raw, dict) else None
+    if isinstance(recorded, str) and recorded and "\x00" not in recorded:
+        beside = drafter.resolve().parent / "feature-cache"
+        try:
+            same = Path(recorded).resolve() == beside and not beside.is_symlink() and beside.is_dir()
+        except (OSError, RuntimeError):
+            same = False
+        if same:
+            return beside
+        if dist is not None:
+            say(
+                dist,
+                f"note: {prov} records the feature cache {recorded!r:.300}; only {beside} (beside the "
+                f"drafter) is reused by default; pass --feature-cache to reuse another one",
+            )
     return out / "feature-cache"

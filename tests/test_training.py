@@ -121,6 +121,18 @@ class Crash(Exception):
     pass
 
 
+class _Payload:
+    """Unpickling this runs ``os.mkdir(path)``: proof that a file was unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
+
+
 def test_resume_equals_an_uninterrupted_run(tiny_qwen, tmp_path, shared_cache):
     data = _generated_jsonl(tmp_path / "gen", tiny_qwen, 6)  # 6 samples, batch 4: epochs straddle steps
     common = ("--max-steps", "5", "--lr", "5e-3", "--save-every", "2", "--deepspeed_config", str(CONFIGS / "zero2.json"),
@@ -141,7 +153,13 @@ def test_resume_equals_an_uninterrupted_run(tiny_qwen, tmp_path, shared_cache):
     (tmp_path / "b" / "checkpoints" / "latest").write_text("")
     with pytest.raises(TrainingError, match="--resume"):
         train(_args(SDVIT, tiny_qwen, data, tmp_path / "b", *common), SDVIT)
+    # RNG states are JSON; a pickle planted in the checkpoint is never unpickled by --resume
+    ckpt2 = tmp_path / "b" / "checkpoints" / "step-0000002"
+    assert (ckpt2 / "rng-rank0.json").is_file() and not (ckpt2 / "rng-rank0.pt").exists()
+    marker = tmp_path / "pickle-ran"
+    torch.save({"python": _Payload(str(marker))}, ckpt2 / "rng-rank0.pt")
     resumed = train(_args(SDVIT, tiny_qwen, data, tmp_path / "b", *common, "--resume"), SDVIT)
+    assert not marker.exists()
 
     log_a, log_b = (read_log(tmp_path / d / "train_log.jsonl") for d in ("a", "b"))
     assert [s["step"] for s in log_b] == [1, 2, 3, 4, 5]  # the lost step 3 was redone, not duplicated
@@ -208,6 +226,30 @@ def test_launcher_arguments_are_accepted(tiny_qwen):
         p.parse_args([*base, "--local-rank", "1", "--deepspeed-config", "c.json"]).deepspeed_config
         == "c.json"
     )
+
+
+def test_rng_states_round_trip_through_json(tmp_path):
+    import random
+
+    import numpy as np
+
+    from massv_vllm.training.loop import load_rng_state, save_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.random(), np.random.normal(), torch.rand(3)  # mid-stream states (NumPy's cached gaussian)
+    save_rng_state(tmp_path, 0)
+    want = (random.random(), np.random.normal(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    assert load_rng_state(tmp_path, 0) == "restored"
+    got = (random.random(), np.random.normal(), torch.rand(3))
+    assert got[:2] == want[:2] and torch.equal(got[2], want[2])
+    assert json.loads((tmp_path / "rng-rank0.json").read_text())["format"] == 1
+    # an older checkpoint's pickle is reported, never opened
+    other = tmp_path / "old"
+    other.mkdir()
+    marker = tmp_path / "pickle-ran"
+    torch.save({"python": _Payload(str(marker))}, other / "rng-rank0.pt")
+    assert load_rng_state(other, 0).startswith("not restored") and not marker.exists()
 
 
 def test_generation_json_cannot_move_the_image_root(tmp_path):

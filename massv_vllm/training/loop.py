@@ -10,9 +10,11 @@ equals that of an uninterrupted one). A checkpoint counts once every rank wrote 
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,23 +33,70 @@ CKPT_DIR = "checkpoints"
 COMPLETE_MARK = "massv_complete.json"
 
 
-def _rng_state() -> dict[str, Any]:
+RNG_FILE = "rng-rank{rank}.json"
+LEGACY_RNG_FILE = "rng-rank{rank}.pt"
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _tensor(b64: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states as plain JSON values."""
     import numpy as np
 
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    s: dict[str, Any] = {
+        "format": 1,
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
     if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
+        s["cuda"] = _b64(torch.cuda.get_rng_state())
     return s
 
 
-def _set_rng_state(s: dict[str, Any]) -> None:
+def set_rng_state(s: dict[str, Any]) -> None:
     import numpy as np
 
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_tensor(s["torch"]))
     if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
+        torch.cuda.set_rng_state(_tensor(s["cuda"]))
+
+
+def save_rng_state(folder: Path, rank: int) -> None:
+    """This rank's RNG states as JSON (never a pickle: resume must not run code from a file)."""
+    path = folder / RNG_FILE.format(rank=rank)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rng_state()))
+    tmp.replace(path)
+
+
+def load_rng_state(folder: Path, rank: int) -> str:
+    """Restore this rank's RNG states from a checkpoint; returns "restored", or why not. The JSON
+    file is read as data; an ``rng-rank*.pt`` of older versions is a pickle and is not opened."""
+    path = folder / RNG_FILE.format(rank=rank)
+    if path.is_file():
+        try:
+            set_rng_state(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise TrainingError(f"cannot restore the RNG states from {path}: {e}") from e
+        return "restored"
+    if (folder / LEGACY_RNG_FILE.format(rank=rank)).is_file():
+        return (
+            f"not restored: {LEGACY_RNG_FILE.format(rank=rank)} is a pickle of an older version, not loaded"
+        )
+    return "not restored: the checkpoint has none"
 
 
 def complete_tags(ckpt_root: Path) -> list[str]:
@@ -166,9 +215,11 @@ class Run:
         if problems:
             raise TrainingError(f"cannot resume from {self.ckpt_root / tag}: " + "; ".join(problems))
         self.step, self.consumed = state["step"], state["consumed"]
-        rng = self.ckpt_root / tag / f"rng-rank{self.dist.rank}.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+        rng = load_rng_state(self.ckpt_root / tag, self.dist.rank)
+        if rng != "restored":
+            print(
+                f"[massv] rank {self.dist.rank}: RNG states {rng}; continuing without them", file=sys.stderr
+            )
         self.log.truncate_after(self.step)
         self.log.write("resume", step=self.step, consumed=self.consumed, checkpoint=tag)
         say(self.dist, f"resumed from {tag}: step {self.step}, {self.consumed} samples consumed")
@@ -177,7 +228,7 @@ class Run:
         tag = f"step-{self.step:07d}"
         try:
             (self.ckpt_root / tag).mkdir(parents=True, exist_ok=True)
-            torch.save(_rng_state(), self.ckpt_root / tag / f"rng-rank{self.dist.rank}.pt")
+            save_rng_state(self.ckpt_root / tag, self.dist.rank)
             # The checkpoint counts once COMPLETE_MARK is written after this (and every rank's
             # files); a kill mid-save leaves the previous one as what --resume uses.
             self.engine.save_checkpoint(

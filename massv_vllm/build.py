@@ -123,17 +123,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the small LM's")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    out = build_drafter(
-        a.small_lm,
-        a.target,
-        a.out,
-        projector_hidden_dim=a.projector_hidden_dim,
-        projector_depth=a.projector_depth,
-        activation=a.activation,
-        text_only=a.text_only,
-        dtype=DTYPES.get(a.dtype) if a.dtype else None,
-        seed=a.seed,
-    )
+    # One error line instead of a traceback: hub ids (the usage line's own example) are not read.
+    folders = {"--small-lm": a.small_lm, "--target": a.target}
+    not_dirs = [f"{flag} {path}" for flag, path in folders.items() if not Path(path).is_dir()]
+    if not_dirs:
+        p.exit(
+            2,
+            f"massv-build-drafter: error: --small-lm and --target must be local model folders, but "
+            f"{' and '.join(not_dirs)} {'is not a folder' if len(not_dirs) == 1 else 'are not folders'} "
+            "(for a Hugging Face hub id, download it first: huggingface-cli download <id> "
+            "--local-dir <folder>)\n",
+        )
+    try:
+        out = build_drafter(
+            a.small_lm,
+            a.target,
+            a.out,
+            projector_hidden_dim=a.projector_hidden_dim,
+            projector_depth=a.projector_depth,
+            activation=a.activation,
+            text_only=a.text_only,
+            dtype=DTYPES.get(a.dtype) if a.dtype else None,
+            seed=a.seed,
+        )
+    except MassvConfigError as e:
+        p.exit(1, f"massv-build-drafter: error: {e}\n")
     print(f"wrote MASSV drafter to {out}")
 
 

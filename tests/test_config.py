@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 
@@ -61,6 +62,11 @@ def test_text_only_drafter_has_no_projector():
         (lambda d: d.update(projection_dim=5), "unknown key 'projection_dim'"),
         (lambda d: d["target"].update(extra=1), "unknown key 'target.extra'"),
         (lambda d: d.update(base_vocab_size=None), "'base_vocab_size' must be a int"),
+        (lambda d: d["projector"].update(depth=10**8), "projector.depth 100000000 exceeds the limit of 16"),
+        (lambda d: d["projector"].update(hidden_dim=10**9), "projector.hidden_dim 1000000000 exceeds"),
+        (lambda d: d["target"].update(vocab_size=10**12), "'target.vocab_size' is 1000000000000, outside"),
+        (lambda d: d["target"].update(image_token_id=-1), "'target.image_token_id' is -1, outside"),
+        (lambda d: d.update(base_vocab_size=-5), "'base_vocab_size' is -5, outside"),
     ],
 )
 def test_bad_sections_name_the_problem(mutate, needle):
@@ -79,6 +85,16 @@ def test_missing_or_foreign_config(tmp_path):
         load_massv_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(MassvConfigError, match="not a MASSV drafter"):
+        load_massv_config(tmp_path)
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # json: RecursionError
+    with pytest.raises(MassvConfigError, match="nested too deeply"):
+        load_massv_config(tmp_path)
+    (tmp_path / "config.json").write_text(" " * (16 * 2**20 + 1))
+    with pytest.raises(MassvConfigError, match="over the limit"):
+        load_massv_config(tmp_path)
+    (tmp_path / "config.json").unlink()
+    os.mkfifo(tmp_path / "config.json")  # never opened: it would block until a writer appears
+    with pytest.raises(MassvConfigError, match="config.json is not a regular file"):
         load_massv_config(tmp_path)
 
 

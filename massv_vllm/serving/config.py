@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,70 @@ from massv_vllm.families import DRAFTER_ARCHITECTURES, FAMILIES
 SCHEMA_VERSION = 1
 CONFIG_KEY = "massv"
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+
+# Bounds on the sizes a drafter config may declare. Real checkpoints are far inside them (Qwen2.5
+# and Gemma 3: hidden sizes <= 8192, vocabularies <= 262208, 2-layer projectors); a value outside
+# is a broken or hostile config.json that would otherwise overflow, allocate without end, divide
+# by zero or loop for hours while the checks build the model's shapes.
+MAX_WIDTH = 2**16  # hidden sizes, projector widths, image-embedding widths
+MAX_VOCAB = 2**22
+MAX_PROJECTOR_DEPTH = 16  # LLaVA-style projectors have 2 layers
+# The drafter's positions: vLLM builds a rotary table of max_position_embeddings x head_dim
+# entries when the worker loads the drafter, so 1e18 passed the checks and failed at allocation
+# after the engine had started. 2**22 (4M) is 4x the longest context of any Qwen2.5 (1M) or
+# Gemma 3 (128k) release and keeps that table below a few GiB.
+MAX_POSITIONS = 2**22
+MAX_CONFIG_BYTES = 16 * 2**20  # config.json files are a few KiB
+LIMIT_REASONS = {
+    "max_position_embeddings": "vLLM allocates a rotary table of that many positions for the drafter",
+}
+
+
+def int_problems(
+    values: Mapping[str, Any], limits: Mapping[str, tuple[int, int]], prefix: str = ""
+) -> list[str]:
+    """Each key of ``limits`` present (and not null) in ``values`` must be an int in [lo, hi]."""
+    problems = []
+    for name, (lo, hi) in limits.items():
+        val = values.get(name)
+        if val is None:
+            continue
+        if not isinstance(val, int) or isinstance(val, bool):
+            problems.append(f"'{prefix}{name}' must be an integer, got {_brief(val)}")
+        elif not lo <= val <= hi:
+            why = f" ({LIMIT_REASONS[name]})" if name in LIMIT_REASONS else ""
+            problems.append(f"'{prefix}{name}' is {_brief(val)}, outside the allowed range {lo}..{hi}{why}")
+    return problems
+
+
+def _brief(val: Any, n: int = 60) -> str:
+    text = repr(val)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def special_file_problems(folder: Path) -> list[str]:
+    """Entries of ``folder`` that are not regular files or folders (FIFOs, sockets, devices).
+
+    Opening a FIFO blocks until someone writes to it (a ``model.safetensors`` FIFO hung the
+    checks forever) and a device like /dev/zero never ends, so such entries are refused before
+    anything in the folder is opened. Symlinks are followed: Hugging Face cache snapshots are
+    symlinks into ``../../blobs``, so a link leaving the folder is normal; what it points to must
+    still be a regular file.
+    """
+    problems = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        return [f"cannot list {folder}: {e}"]
+    for entry in entries:
+        try:
+            mode = os.stat(entry.path).st_mode  # follows symlinks
+        except OSError:
+            continue  # a dangling link: reported by whatever check needs that file
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            problems.append(f"{entry.name} is {kind}, not a regular file; massv-vllm does not open it")
+    return problems
 
 
 class MassvConfigError(ValueError):
@@ -112,16 +179,32 @@ class MassvConfig:
         for key, typ in (("base_architecture", str), ("base_vocab_size", int)):
             if not isinstance(d.get(key), typ):
                 problems.append(f"'{key}' must be a {typ.__name__}, got {d.get(key)!r}")
-        if target is not None and target.family not in FAMILIES:
-            problems.append(f"target.family {target.family!r} is not one of {sorted(FAMILIES)}")
+        if isinstance(d.get("base_vocab_size"), int):
+            problems += int_problems(d, {"base_vocab_size": (1, MAX_VOCAB)})
+        if target is not None:
+            if target.family not in FAMILIES:
+                problems.append(f"target.family {target.family!r} is not one of {sorted(FAMILIES)}")
+            target_limits = {
+                "image_token_id": (0, MAX_VOCAB - 1),
+                "image_embed_dim": (1, MAX_WIDTH),
+                "vocab_size": (1, MAX_VOCAB),
+            }
+            problems += int_problems(dataclasses.asdict(target), target_limits, "target.")
         if projector is not None:
             if projector.activation not in ACTIVATIONS:
                 problems.append(f"projector.activation {projector.activation!r} is not one of {ACTIVATIONS}")
             if projector.depth < 1:
                 problems.append(f"projector.depth must be >= 1, got {projector.depth}")
+            elif projector.depth > MAX_PROJECTOR_DEPTH:
+                problems.append(
+                    f"projector.depth {_brief(projector.depth)} exceeds the limit of {MAX_PROJECTOR_DEPTH} "
+                    "layers (MASSV projectors have 2)"
+                )
             for k in ("input_dim", "hidden_dim"):
                 if getattr(projector, k) < 1:
                     problems.append(f"projector.{k} must be positive")
+                elif getattr(projector, k) > MAX_WIDTH:
+                    problems.append(f"projector.{k} {getattr(projector, k)} exceeds the limit of {MAX_WIDTH}")
         if problems:
             raise MassvConfigError(subject, problems)
         assert target is not None
@@ -191,14 +274,26 @@ def _parse(cls: type, raw: Any, name: str, problems: list[str]):
     return cls(**kwargs) if len(problems) == before else None
 
 
-def read_config_json(folder: str | Path) -> dict[str, Any]:
+def read_config_json(folder: str | Path, subject: str | None = None) -> dict[str, Any]:
+    """``folder``/config.json as a dict; a missing, special, huge, invalid or too deeply nested
+    file (json raises RecursionError past ~1000 levels) is a ``MassvConfigError``."""
+    subject = subject or f"MASSV drafter {folder}"
     path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise MassvConfigError(f"MASSV drafter {folder}", f"no config.json in {folder}")
+    if not path.is_file():  # follows symlinks; False for FIFOs and devices, which are never opened
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise MassvConfigError(subject, f"no config.json in {folder} ({path.name} {what})")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise MassvConfigError(subject, f"config.json is {size} bytes, over the limit of {MAX_CONFIG_BYTES}")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MassvConfigError(f"MASSV drafter {folder}", f"config.json is not valid JSON: {e}") from e
+        raise MassvConfigError(subject, f"config.json is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise MassvConfigError(subject, "config.json is nested too deeply to be a model config") from e
+    if not isinstance(raw, dict):
+        raise MassvConfigError(subject, f"config.json must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def is_massv_folder(folder: str | Path) -> bool:
@@ -211,8 +306,11 @@ def is_massv_folder(folder: str | Path) -> bool:
 
 def load_massv_config(folder: str | Path) -> MassvConfig:
     """Read and validate the ``massv`` section of a drafter folder's config.json."""
-    raw = read_config_json(folder)
-    subject = f"MASSV drafter {folder}"
+    return massv_config_from_json(read_config_json(folder), f"MASSV drafter {folder}")
+
+
+def massv_config_from_json(raw: dict[str, Any], subject: str) -> MassvConfig:
+    """The ``massv`` section of an already-read config.json, validated."""
     if CONFIG_KEY not in raw:
         raise MassvConfigError(
             subject,

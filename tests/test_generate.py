@@ -17,7 +17,6 @@ from massv_vllm.training.generation import (
     build_parser,
     generate,
     parse_schedule,
-    sampling_for,
 )
 
 
@@ -66,16 +65,27 @@ def test_generate_resumes_without_duplicates(llm, tiny_qwen, prompts, tmp_path):
     assert len(keys) == 10 and max(keys.values()) == 1
     assert generate(_args(tiny_qwen, prompts, out, "--responses-per-prompt", "2"), llm).written == 0
 
-    schedule = parse_schedule(DEFAULT_SCHEDULE)
     enc = TargetEncoder(tiny_qwen.target, load_vision=False)
+    by_prompt: dict[str, dict[int, tuple[float, float]]] = {}
     for r in rows:
-        t, p, seed = sampling_for(r["source_id"], r["sample_index"], schedule, 0)
-        assert r["sampling"] == {"temperature": t, "top_p": p, "seed": seed, "max_tokens": 8}
+        sp = r["sampling"]
+        assert set(sp) == {"temperature", "top_p", "seed", "max_tokens"} and sp["max_tokens"] == 8
+        assert isinstance(sp["seed"], int) and 0 <= sp["seed"] < 2**31
+        by_prompt.setdefault(r["source_id"], {})[r["sample_index"]] = (sp["temperature"], sp["top_p"])
         assert 0 < len(r["response_token_ids"]) <= 8
         assert r["finish_reason"] in ("stop", "length", "placeholder")
         assert r["images"] and not Path(r["images"][0]).is_absolute()
         assert enc.image_token_id in r["prompt_token_ids"]
-    assert len({r["sampling"]["temperature"] for r in rows}) > 1  # the schedule is really used
+    # The documented schedule (DEFAULT_SCHEDULE, the recipes' "generate.schedule"), written out:
+    # response s of a prompt takes entry (h(prompt id) + s) mod 4, so a prompt's two responses
+    # take two consecutive entries of this cycle.
+    cycle = [(0.0, 1.0), (0.3, 0.9), (0.7, 0.95), (1.0, 1.0)]
+    assert DEFAULT_SCHEDULE == "0.0:1.0,0.3:0.9,0.7:0.95,1.0:1.0"
+    for pair in by_prompt.values():
+        first = cycle.index(pair[0])
+        assert pair[1] == cycle[(first + 1) % 4], by_prompt
+    assert len({r["sampling"]["seed"] for r in rows}) == 10  # a seed per request
+    assert len({tp for pair in by_prompt.values() for tp in pair.values()}) > 2  # the schedule is really used
 
     # read_llava reads it back (image root from generation.json) and SDViT rebuilds the exact prompts
     meta = json.loads((out / "generation.json").read_text())
@@ -141,6 +151,24 @@ def test_bad_schedule_is_refused():
     for bad in ("0.5", "x:1", "0.5:0", "-1:1", ""):
         with pytest.raises(GenerationError):
             parse_schedule(bad)
+
+
+def test_schedule_entries_cycle_over_a_prompts_responses():
+    """The documented rule, with literal values: response s of a prompt takes the entry after
+    response s-1's, cyclically; each (prompt, response) has its own seed."""
+    from massv_vllm.training.generation import sampling_for
+
+    cycle = [(0.0, 1.0), (0.3, 0.9), (0.7, 0.95), (1.0, 1.0)]
+    seeds = set()
+    for rid in ("a", "b", "instruction-00003"):
+        got = [sampling_for(rid, s, cycle, 0) for s in range(8)]
+        k = cycle.index(got[0][:2])
+        assert [g[:2] for g in got] == [cycle[(k + s) % 4] for s in range(8)]
+        seeds |= {g[2] for g in got}
+        assert got == [sampling_for(rid, s, cycle, 0) for s in range(8)]  # reproducible
+    assert len(seeds) == 24 and all(0 <= x < 2**31 for x in seeds)
+    assert sampling_for("a", 0, cycle, 1)[2] != sampling_for("a", 0, cycle, 0)[2]  # --seed matters
+    assert {sampling_for(r, 0, [(0.5, 0.9)], 0)[:2] for r in "abcdef"} == {(0.5, 0.9)}
 
 
 class FakeLLM:

@@ -15,6 +15,7 @@ from massv_vllm.training.data.records import (
     Record,
     hf_messages,
     load_image,
+    openai_messages,
     read_records,
 )
 from massv_vllm.training.data.samples import (
@@ -147,8 +148,43 @@ def test_corrupt_image_in_hf_dataset_is_skipped(tmp_path, qwen_enc):
     assert builder.stats.skipped["unreadable image"] == 1
 
 
+@pytest.fixture(scope="module")
+def vllm_prompt(tiny_qwen, tiny_gemma):
+    """The prompt vLLM itself builds for a chat (its renderer: chat template, tokenization and the
+    multimodal processor's placeholder expansion, what ``LLM.chat`` runs), without an engine."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.renderers import renderer_from_config
+    from vllm.renderers.params import ChatParams
+
+    from massv_vllm.engine import engine_kwargs
+
+    renderers = {}
+
+    def render(family, record, images):
+        if family not in renderers:
+            tiny = tiny_qwen if family == "qwen2_5_vl" else tiny_gemma
+            config = EngineArgs(**engine_kwargs(str(tiny.target), max_model_len=1024)).create_engine_config()
+            renderers[family] = renderer_from_config(config)
+        renderer = renderers[family]
+        params = ChatParams(
+            chat_template_kwargs=dict(
+                add_generation_prompt=True, continue_final_message=False, tools=None, tokenize=False
+            )
+        )
+        _, (out,) = renderer.render_chat(
+            [openai_messages(record, images)], params, renderer.default_chat_tok_params
+        )
+        embeds = []  # per image: the positions vLLM fills with image embeddings
+        for r in out["mm_placeholders"].get("image", []):
+            mask = [True] * r.length if r.is_embed is None else r.is_embed.tolist()
+            embeds.append([r.offset + i for i, m in enumerate(mask) if m])
+        return out["prompt_token_ids"], embeds
+
+    return render
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
-def test_labels_mask_prompt_and_image_positions(family, request):
+def test_labels_mask_prompt_and_image_positions(family, request, vllm_prompt):
     enc = request.getfixturevalue("qwen_enc" if family == "qwen2_5_vl" else "gemma_enc")
     end_tok = {"qwen2_5_vl": "<|im_end|>", "gemma3": "<end_of_turn>"}[family]
     assert end_of_turn_id(enc) == enc.tokenizer.convert_tokens_to_ids(end_tok)
@@ -159,13 +195,13 @@ def test_labels_mask_prompt_and_image_positions(family, request):
         turns=[("user", "<image>\nCompare <image> please."), ("assistant", "A red circle.")],
     )
     sample, _ = SampleBuilder(enc, max_len=1024).build(7, rec)
-    ref = enc.prompt_ids(enc.chat_prompt(hf_messages(rec)), imgs)
+    served_ids, served_images = vllm_prompt(family, rec, imgs)  # what vLLM serves for this chat
     ids, labels = sample.input_ids.long(), sample.labels()
-    assert sample.prompt_len == len(ref.input_ids)
-    assert ids[: sample.prompt_len].tolist() == ref.input_ids  # identical to the serving layout
+    assert sample.prompt_len == len(served_ids)
+    assert ids[: sample.prompt_len].tolist() == served_ids  # identical to the serving layout
     image_pos = (ids == enc.image_token_id).nonzero().flatten().tolist()
-    assert image_pos == [i for i, t in enumerate(ref.input_ids) if t == enc.image_token_id]
-    assert len(image_pos) == sum(ref.num_image_tokens) == sum(sample.image_tokens) > 0
+    assert image_pos == [i for per_image in served_images for i in per_image]
+    assert sample.image_tokens == [len(p) for p in served_images] and len(image_pos) > 0
     assert (labels[: sample.prompt_len] == IGNORE).all()
     assert (labels[image_pos] == IGNORE).all()
     response = enc.tokenizer("A red circle.", add_special_tokens=False).input_ids + [end_of_turn_id(enc)]

@@ -198,30 +198,31 @@ class DraftDecodeLoop:
     ) -> torch.Tensor:
         """One step over ``n`` requests: the decode step (one token each) or the first pass (γ+2
         slots each); graph replay (capture) on CUDA, eager elsewhere."""
+        tokens = n * (self.gamma + 2) if first_pass else n
+        graph, fn = (self.fp_graph, self._first_pass_forward) if first_pass else (self.graph, self._forward)
+        full = graph is not None and (capture or self.captured)
+        with self._context(per_layer, n, tokens, full):
+            return graph(tokens) if graph is not None else fn(tokens)
+
+    def _context(self, per_layer: dict[str, Any], n: int, tokens: int, full: bool):
+        """vLLM's forward context for one uniform step (full-graph replay/capture or eager)."""
         from vllm.config import CUDAGraphMode
         from vllm.forward_context import BatchDescriptor, set_forward_context
 
-        p = self.p
-        tokens = n * (self.gamma + 2) if first_pass else n
-        graph, fn = (self.fp_graph, self._first_pass_forward) if first_pass else (self.graph, self._forward)
-        mode = CUDAGraphMode.FULL if graph is not None and (capture or self.captured) else CUDAGraphMode.NONE
-        with set_forward_context(
+        return set_forward_context(
             per_layer,
-            p.vllm_config,
+            self.p.vllm_config,
             num_tokens=tokens,
-            cudagraph_runtime_mode=mode,
+            cudagraph_runtime_mode=CUDAGraphMode.FULL if full else CUDAGraphMode.NONE,
             batch_descriptor=BatchDescriptor(num_tokens=tokens, num_reqs=n, uniform=True),
-            slot_mapping=p._get_slot_mapping(tokens),
-        ):
-            return graph(tokens) if graph is not None else fn(tokens)
+            slot_mapping=self.p._get_slot_mapping(tokens),
+        )
 
     # ---- capture (GPU runner start-up) ----------------------------------------------------------
 
     @torch.inference_mode()
     def capture(self, device_block_table: torch.Tensor) -> None:
         """Capture one graph per size; called inside vLLM's own capture phase."""
-        from vllm.config import CUDAGraphMode
-        from vllm.forward_context import BatchDescriptor, set_forward_context
         from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
 
         p = self.p
@@ -233,14 +234,7 @@ class DraftDecodeLoop:
             p.input_ids[:n] = 0
             p._slot_mapping_buffer[:n] = PADDING_SLOT_ID  # dummy steps write no KV
             per_layer = self._attn_metadata(n, n, p.max_model_len, self.block_table)
-            with set_forward_context(
-                per_layer,
-                p.vllm_config,
-                num_tokens=n,
-                cudagraph_runtime_mode=CUDAGraphMode.NONE,
-                batch_descriptor=BatchDescriptor(num_tokens=n, num_reqs=n, uniform=True),
-                slot_mapping=p._get_slot_mapping(n),
-            ):
+            with self._context(per_layer, n, n, full=False):
                 self._forward(n)  # warm-up (lazy initialisation, autotuning) outside the graph
             self._run(n, per_layer, capture=True)
             if self.fp_graph is not None and n * (self.gamma + 2) <= p.max_num_tokens:
@@ -249,8 +243,6 @@ class DraftDecodeLoop:
         logger.info("massv-vllm: captured full CUDA graphs of the draft decode step for sizes %s", self.sizes)
 
     def _capture_first_pass(self, n: int) -> None:
-        from vllm.config import CUDAGraphMode
-        from vllm.forward_context import BatchDescriptor, set_forward_context
         from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
 
         p = self.p
@@ -266,14 +258,7 @@ class DraftDecodeLoop:
         per_layer = self._attn_metadata(
             n, n, p.max_model_len, self.block_table, q, self.fp_query_start_loc, self.fp_seq_lens
         )
-        with set_forward_context(
-            per_layer,
-            p.vllm_config,
-            num_tokens=tokens,
-            cudagraph_runtime_mode=CUDAGraphMode.NONE,
-            batch_descriptor=BatchDescriptor(num_tokens=tokens, num_reqs=n, uniform=True),
-            slot_mapping=p._get_slot_mapping(tokens),
-        ):
+        with self._context(per_layer, n, tokens, full=False):
             self._first_pass_forward(tokens)
         self._run(n, per_layer, capture=True, first_pass=True)
         self.fp_sizes.add(n)

@@ -74,3 +74,26 @@ def test_image_rows_land_on_image_slots_in_the_parallel_layout(llm, tiny_qwen):
         TargetEncoder(tiny_qwen.target).image_features([synthetic_image(s, size) for s in seeds])
     )
     torch.testing.assert_close(projector_inputs(rec), want, atol=1e-4, rtol=1e-4)
+
+
+def test_served_parallel_drafts_equal_the_training_side_layout(llm, tiny_qwen, parallel_drafter):
+    """The layout training builds (training/parallel.py: prefix, bonus token, γ-1 mask tokens,
+    image features spliced in the prompt) is what vLLM runs: the transformers drafter's argmax at
+    the bonus and mask positions equals the proposal vLLM made right after the prompt."""
+    from massv_vllm.training.modeling import MassvDrafter
+    from massv_vllm.training.parallel import parallel_sequence
+    from tests.engine_checks import chat_with, first_draft_after_prefill
+
+    image = synthetic_image(933, (200, 150))
+    out, rec = run_probed(llm, chat_with(image, text="What is in the picture?"), max_tokens=2)
+    bonus, served = first_draft_after_prefill(out, rec)
+    drafter = MassvDrafter.from_pretrained(parallel_drafter)
+    prompt = list(out.prompt_token_ids)
+    ids, _, attention = parallel_sequence([*prompt, bonus], len(prompt), GAMMA, drafter.mask_token_id, 0)
+    feats = torch.cat(TargetEncoder(tiny_qwen.target).image_features([image]))
+    with torch.no_grad():
+        logits = drafter(
+            torch.tensor([ids]), image_embeds=feats, attention_mask=torch.tensor([attention])
+        ).logits
+    expected = logits[0, len(prompt) : len(prompt) + GAMMA].argmax(-1).tolist()
+    assert served == expected, (served, expected)

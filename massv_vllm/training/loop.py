@@ -25,6 +25,7 @@ import torch
 
 from massv_vllm.training.data.samples import collate
 from massv_vllm.training.distributed import all_sum, barrier, say
+from massv_vllm.training.parallel import parallel_batch
 from massv_vllm.training.recipes import TrainingError
 from massv_vllm.training.schedule import SampleStream
 
@@ -295,26 +296,48 @@ class Run:
             if data.features is not None:
                 feats = [[data.features.get(k) for k in s.image_keys] for s in samples]
             batch = collate(samples, feats, data.pad_id)
-            batches.append(batch.pin_memory() if self.engine.device.type == "cuda" else batch)
+            par = None
+            if getattr(self.args, "parallel_draft_tokens", 0):
+                par = parallel_batch(
+                    samples, feats, pad_id=data.pad_id, mask_id=self.engine.module.mask_token_id,
+                    gamma=self.args.parallel_draft_tokens, anchors=self.args.parallel_anchors,
+                    seed=self.args.seed, position=consumed + lo,
+                )  # fmt: skip
+            pin = self.engine.device.type == "cuda"
+            batches.append(tuple(None if b is None else b.pin_memory() if pin else b for b in (batch, par)))
         return order, batches
 
     def _step(self, order: list[int], batches: list[Any], t0: float) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches; returns (and logs) its record."""
         geo, dist, engine, data = self.geo, self.dist, self.engine, self.data
         lr = engine.get_lr()[0]  # the rate this step uses (the schedule advances in engine.step)
-        loss_sum = loss_tokens = tokens = 0.0
-        for host in batches:
+        loss_sum = loss_tokens = tokens = par_sum = par_tokens = 0.0
+        for host, host_par in batches:
             batch = host.to(engine.device)
             out = engine(
                 input_ids=batch.input_ids, image_embeds=batch.image_embeds,
                 attention_mask=batch.attention_mask, labels=batch.labels,
             )  # fmt: skip
-            engine.backward(out.loss)
+            loss, n = out.loss, out.num_loss_tokens
+            if host_par is not None:  # parallel drafting: both losses, weighted per target token
+                par = host_par.to(engine.device)
+                pout = engine(
+                    input_ids=par.input_ids, image_embeds=par.image_embeds,
+                    attention_mask=par.attention_mask, labels=par.labels,
+                )  # fmt: skip
+                loss = (loss * n + pout.loss * pout.num_loss_tokens) / max(n + pout.num_loss_tokens, 1)
+                n += pout.num_loss_tokens
+                par_sum += float(pout.loss.detach()) * pout.num_loss_tokens
+                par_tokens += pout.num_loss_tokens
+                tokens += par.num_tokens
+            engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            loss_sum += float(out.loss.detach()) * out.num_loss_tokens
-            loss_tokens += out.num_loss_tokens
+            loss_sum += float(loss.detach()) * n
+            loss_tokens += n
             tokens += batch.num_tokens
-        loss_sum, loss_tokens, tokens = all_sum([loss_sum, loss_tokens, tokens], dist)
+        loss_sum, loss_tokens, tokens, par_sum, par_tokens = all_sum(
+            [loss_sum, loss_tokens, tokens, par_sum, par_tokens], dist
+        )
         self.step += 1
         self.consumed += geo.global_batch
         dt = time.perf_counter() - t0
@@ -332,6 +355,8 @@ class Run:
             "consumed": self.consumed,
             "samples": [data.samples[i].index for i in order],  # proves no sample lost or repeated
         }
+        if getattr(self.args, "parallel_draft_tokens", 0):
+            rec["parallel_loss"] = par_sum / max(par_tokens, 1)
         self.log.write("step", **rec)
         return rec
 

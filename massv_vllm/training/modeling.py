@@ -93,10 +93,32 @@ class MassvDrafter(nn.Module):
         )
         if self.projector is not None:
             self.projector.to(next(base.parameters()).dtype)
+        # Parallel drafting (training/parallel.py): the mask token's embedding, trained as a vector
+        # of its own and written into its (padding) row of the embedding matrix on save.
+        self.mask_token_id: int | None = None
+        self.mask_embed: nn.Parameter | None = None
+        mask_id = getattr(base.config, "pard_token", None)
+        if mask_id is not None:
+            self.enable_parallel_drafting(int(mask_id))
 
     @property
     def config(self) -> Any:
         return self.base.config
+
+    def enable_parallel_drafting(self, mask_token_id: int) -> None:
+        """Give the drafter a trainable mask-token embedding (initialised from its current row,
+        or from the mean token embedding where that row is the zero padding) and record the id
+        as ``pard_token`` in its config, where vLLM reads it."""
+        weight = self.base.get_input_embeddings().weight
+        if not 0 <= mask_token_id < weight.shape[0]:
+            raise ValueError(f"mask token id {mask_token_id} is outside the vocabulary ({weight.shape[0]})")
+        with torch.no_grad():
+            row = weight[mask_token_id].detach().clone()
+            if not row.any():
+                row = weight[: self.massv.base_vocab_size].mean(dim=0)
+        self.mask_token_id = mask_token_id
+        self.mask_embed = nn.Parameter(row)
+        self.base.config.pard_token = mask_token_id
 
     def embed(
         self,
@@ -104,8 +126,14 @@ class MassvDrafter(nn.Module):
         image_embeds: torch.Tensor | None = None,
         response_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings (with Gemma's scaling) and projected image embeddings spliced in."""
-        embeds = self.base.get_input_embeddings()(input_ids)
+        """Token embeddings (with Gemma's scaling), the mask embedding at mask tokens (parallel
+        drafting) and projected image embeddings spliced in."""
+        table = self.base.get_input_embeddings()
+        embeds = table(input_ids)
+        if self.mask_embed is not None:
+            scale = getattr(table, "embed_scale", None)  # Gemma scales every token embedding
+            row = self.mask_embed.to(embeds.dtype) * (1.0 if scale is None else scale.to(embeds.dtype))
+            embeds = torch.where((input_ids == self.mask_token_id).unsqueeze(-1), row, embeds)
         if image_embeds is None or self.projector is None:
             return embeds
         projected = self.projector(image_embeds.to(embeds.device))
@@ -139,6 +167,10 @@ class MassvDrafter(nn.Module):
     # ---- checkpoint I/O -------------------------------------------------------------------
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
         sd = {k: v for k, v in self.base.state_dict().items()}
+        if self.mask_embed is not None:
+            key = next(k for k in sd if k.endswith("embed_tokens.weight"))
+            sd[key] = sd[key].clone()
+            sd[key][self.mask_token_id] = self.mask_embed.detach().to(sd[key].dtype)
         if getattr(self.base.config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)
         if self.projector is not None:
@@ -189,9 +221,12 @@ class MassvDrafter(nn.Module):
             strict=False,
         )
         tied = {"base.lm_head.weight"} if getattr(info.base_config, "tie_word_embeddings", False) else set()
+        tied.add("mask_embed")  # saved as its row of the embedding matrix, read back below
         if set(missing) - tied or unexpected:
             raise ValueError(f"{folder}: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
         base.tie_weights()
+        if model.mask_embed is not None:  # built before the weights were loaded: read its row now
+            model.enable_parallel_drafting(model.mask_token_id)
         return model.to(device=device, dtype=dtype)
 
 

@@ -154,6 +154,18 @@ def build_parser(phase: str) -> argparse.ArgumentParser:
             action="store_true",
             help="freeze the input embeddings (and a tied lm_head)",
         )
+    g = p.add_argument_group("parallel drafting (training/parallel.py)")
+    g.add_argument(
+        "--parallel-draft-tokens",
+        type=int,
+        default=0,
+        metavar="GAMMA",
+        help="also train the drafter to propose GAMMA tokens in one forward (vLLM parallel_drafting); "
+        "0: off. Use the same value in phase 1 and SDViT",
+    )
+    g.add_argument(
+        "--parallel-anchors", type=int, default=4, help="masked sequences per sample for that loss"
+    )
     g = p.add_argument_group("DeepSpeed, checkpoints, logging")
     g.add_argument(
         "--deepspeed_config",

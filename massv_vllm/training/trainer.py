@@ -125,6 +125,8 @@ def select_trainable(model: Any, phase: str, args: argparse.Namespace) -> list[s
                 model.base.get_input_embeddings().requires_grad_(False)
         if model.projector is not None and not args.freeze_projector:
             model.projector.requires_grad_(True)
+    if getattr(args, "parallel_draft_tokens", 0) and model.mask_embed is not None:
+        model.mask_embed.requires_grad_(True)  # the mask token's embedding learns in both phases
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not names:
         raise TrainingError("nothing to train: every parameter is frozen (check the --freeze-* options)")
@@ -190,6 +192,17 @@ def _load_model(args: argparse.Namespace, phase: str, dist: Dist, bf16: bool, ou
     if bf16 and dist.device.type == "cpu":
         say(dist, "warning: bf16 on CPU is slow; --dtype fp32 is the CPU default")
     model = MassvDrafter.from_pretrained(args.drafter, dtype=torch.float32)
+    if getattr(args, "parallel_draft_tokens", 0):
+        from massv_vllm.families import parallel_mask_token_id
+
+        if args.parallel_draft_tokens < 2 or args.parallel_anchors < 1:
+            raise TrainingError("--parallel-draft-tokens must be >= 2 and --parallel-anchors >= 1")
+        if model.mask_token_id is None:  # first parallel phase: take a padding row
+            m = model.massv
+            model.enable_parallel_drafting(
+                parallel_mask_token_id(m.base_vocab_size, m.target.vocab_size, m.target.image_token_id)
+            )
+        say(dist, f"parallel drafting: γ={args.parallel_draft_tokens}, mask token {model.mask_token_id}")
     trainable = select_trainable(model, phase, args)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -227,24 +227,30 @@ def test_mask_is_remapped_to_the_draft_layout():
         to_draft_layout(mask[:7], qsl, 1)
 
 
-def test_massv_alias_resolves_to_draft_model(tiny_qwen):
-    """The alias rewrites the user's dict (process 0); non-MASSV configs pass through untouched."""
+def _target(tiny, max_model_len: int = 2048, config_from=None):
+    """What ``resolve_massv`` reads of vLLM's target ModelConfig."""
     from transformers import AutoConfig
 
+    return types.SimpleNamespace(
+        hf_config=AutoConfig.from_pretrained(config_from or tiny.target),
+        tokenizer=str(tiny.target),
+        model=str(tiny.target),
+        max_model_len=max_model_len,
+    )
+
+
+def _args(spec, **kw):
+    """What ``resolve_massv`` reads and rewrites of vLLM's EngineArgs."""
+    base = dict(spec_method=None, spec_model=None, spec_tokens=None, disable_hybrid_kv_cache_manager=None)
+    return types.SimpleNamespace(speculative_config=spec, **(base | kw))
+
+
+def test_massv_alias_resolves_to_draft_model(tiny_qwen):
+    """The alias rewrites the user's dict (process 0); non-MASSV configs pass through untouched."""
     from massv_vllm.patches.engine_args import resolve_massv
     from massv_vllm.serving.config import MassvConfigError
 
-    target = types.SimpleNamespace(
-        hf_config=AutoConfig.from_pretrained(tiny_qwen.target),
-        tokenizer=str(tiny_qwen.target),
-        model=str(tiny_qwen.target),
-        max_model_len=2048,
-    )
-
-    def args(spec, **kw):
-        base = dict(spec_method=None, spec_model=None, disable_hybrid_kv_cache_manager=None)
-        return types.SimpleNamespace(speculative_config=spec, **(base | kw))
-
+    target, args = _target(tiny_qwen), _args
     a = args({"method": "massv", "model": str(tiny_qwen.drafter), "num_speculative_tokens": 3})
     resolve_massv(a, target)
     assert a.speculative_config["method"] == "draft_model"
@@ -261,36 +267,20 @@ def test_massv_alias_resolves_to_draft_model(tiny_qwen):
     with pytest.raises(MassvConfigError, match="is not a vision-language model"):
         resolve_massv(
             args({"method": "draft_model", "model": str(tiny_qwen.drafter)}),
-            types.SimpleNamespace(
-                **(vars(target) | {"hf_config": AutoConfig.from_pretrained(tiny_qwen.small_lm)})
-            ),
+            _target(tiny_qwen, config_from=tiny_qwen.small_lm),
         )
 
 
 def test_gemma3_targets_get_one_kv_cache_group(tiny_gemma):
     """Gemma3 drafters mix sliding and full layers; the hybrid KV manager would split them."""
-    from transformers import AutoConfig
-
     from massv_vllm.patches.engine_args import resolve_massv
 
-    target = types.SimpleNamespace(
-        hf_config=AutoConfig.from_pretrained(tiny_gemma.target),
-        tokenizer=str(tiny_gemma.target),
-        model=str(tiny_gemma.target),
-        max_model_len=512,
-    )
+    target = _target(tiny_gemma, 512)
     spec = {"method": "massv", "model": str(tiny_gemma.drafter)}
-    a = types.SimpleNamespace(
-        speculative_config=spec, spec_method=None, spec_model=None, disable_hybrid_kv_cache_manager=None
-    )
+    a = _args(spec)
     resolve_massv(a, target)
     assert a.disable_hybrid_kv_cache_manager is True
-    b = types.SimpleNamespace(
-        speculative_config=dict(spec),
-        spec_method=None,
-        spec_model=None,
-        disable_hybrid_kv_cache_manager=False,
-    )
+    b = _args(dict(spec), disable_hybrid_kv_cache_manager=False)
     resolve_massv(b, target)
     assert b.disable_hybrid_kv_cache_manager is False  # an explicit user choice is kept
 
@@ -316,22 +306,13 @@ def test_parallel_drafting_needs_a_drafter_trained_for_it(tiny_qwen, tmp_path):
     import json
     import shutil
 
-    from transformers import AutoConfig
-
     from massv_vllm.patches.engine_args import resolve_massv
     from massv_vllm.serving.config import MassvConfigError
 
-    target = types.SimpleNamespace(
-        hf_config=AutoConfig.from_pretrained(tiny_qwen.target),
-        tokenizer=str(tiny_qwen.target),
-        model=str(tiny_qwen.target),
-        max_model_len=2048,
-    )
+    target = _target(tiny_qwen)
 
     def args(drafter):
-        spec = {"method": "massv", "model": str(drafter), "parallel_drafting": True}
-        base = dict(spec_method=None, spec_model=None, spec_tokens=None, disable_hybrid_kv_cache_manager=None)
-        return types.SimpleNamespace(speculative_config=spec, **base)
+        return _args({"method": "massv", "model": str(drafter), "parallel_drafting": True})
 
     with pytest.raises(MassvConfigError, match="not trained for parallel drafting .*no pard_token"):
         resolve_massv(args(tiny_qwen.drafter), target)

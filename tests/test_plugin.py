@@ -296,7 +296,9 @@ def test_startup_line_names_drafter_target_gamma_projector_and_patches(tiny_qwen
     proj = info.massv.projector
     dims = f"{proj.input_dim}->{proj.hidden_dim}->{info.base_config.hidden_size} ({proj.activation})"
     assert line.startswith(f"massv-vllm: drafter D | target T | γ=4 | projector {dims} | patches on: ")
-    assert "MASSV_PATCH_ALIAS" in line.split("| off:")[0] and line.endswith("| off: MASSV_FAST_DRAFT")
+    on, off = line.split(" | off: ")
+    assert "MASSV_PATCH_ALIAS" in on and "MASSV_FAST_DRAFT," not in on
+    assert off.split(", ")[0] == "MASSV_FAST_DRAFT"
     text = startup_line(check_drafter(tiny_qwen.text_drafter), "D", "T", args)
     assert "projector none (text-only drafter)" in text
 

@@ -141,6 +141,8 @@ def apply() -> None:
     from vllm.connections import HTTPConnection
     from vllm.multimodal.media.connector import MediaConnector
 
+    block_private_media_urls()  # a bad setting fails at start-up (PatchError), not per request
+    media_fetch_timeout_s(None)
     fetch_errors = (aiohttp.ClientError, requests.RequestException, TimeoutError, ConnectionError)
 
     def make_load(original):

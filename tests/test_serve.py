@@ -2,10 +2,12 @@
 
 One server (tiny Qwen2.5-VL target + MASSV drafter, CPU) is shared by the module. Every bad
 request must get a 4xx whose message names the problem, and the server must keep serving (a good
-request succeeds after each one). Four cases needed a patch: patches/image_media_io.py (a header
+request succeeds after each one). These cases needed a patch: patches/image_media_io.py (a header
 claiming a huge image was a 500; empty data), media_connector.py (a file:// URL was a 500),
-input_processing_context.py (processor errors now say why); and cpu_model_runner.py (on CPU,
-greedy answers changed when sampled requests shared the batch). An image sent to a *text-only*
+media_fetch.py (an image URL that refuses connections or never answers was a 500, the latter
+after 113 s), json_body.py (a JSON array as the body was a 500), input_processing_context.py
+(processor errors now say why); and cpu_model_runner.py (on CPU, greedy answers changed when
+sampled requests shared the batch). An image sent to a *text-only*
 model is checked on the GPU (tests/gpu/test_load.py): a second server costs ~60 s on CPU; vLLM
 answers it with "400: <model> is not a multimodal model" (also seen by hand on CPU).
 """
@@ -16,6 +18,7 @@ import base64
 import io
 import json
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -149,6 +152,12 @@ BAD_REQUESTS = {
     "decompression_bomb": (user(data_url(png_header_only(50_000, 50_000))), {}, "too large"),
     "too_many_images": (user(*[data_url(GOOD_PNG)] * (MAX_IMAGES + 1)), {}, f"At most {MAX_IMAGES} image"),
     "file_url_not_allowed": (user("file:///etc/hostname"), {}, "allowed-local-media-path"),
+    # Nothing listens on port 1 (vLLM's own sockets take ephemeral ports); vLLM retries ~5 s.
+    "image_url_connection_refused": (
+        user("http://127.0.0.1:1/image.png"),
+        {},
+        "Failed to fetch media from URL http://127.0.0.1:1/image.png: cannot connect",
+    ),
     "extreme_aspect_ratio": (user(data_url(png(synthetic_image(3, (1, 400))))), {}, "aspect ratio"),
     "prompt_too_long": (
         user(data_url(GOOD_PNG), text="The quick brown fox. " * 400),
@@ -167,6 +176,36 @@ def test_bad_request_gets_clear_4xx_and_server_keeps_serving(server, name):
     message = body["error"]["message"]
     assert expected.lower() in message.lower(), message
     assert server.alive()
+    good_request_works(server)
+
+
+def test_json_array_body_gets_clear_400(server):
+    """patches/json_body.py: a JSON array was "500: 'list' object has no attribute 'get'"."""
+    status, body = server.request("POST", "/v1/chat/completions", [{"model": server.model, "messages": []}])
+    assert status == 400, (status, body)
+    assert "The request body must be a JSON object" in body["error"]["message"]
+    good_request_works(server)
+
+
+@pytest.fixture
+def silent_image_host():
+    """A host that accepts connections and never answers (the probe's 500 after 113 s)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)  # the kernel completes the handshakes; nobody ever reads or writes
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/image.png"
+
+
+def test_image_url_that_never_answers_gets_400_within_the_fetch_limit(server, silent_image_host):
+    """patches/media_fetch.py: MASSV_MEDIA_FETCH_TIMEOUT_S (default 10 s) bounds vLLM's retries."""
+    t0 = time.monotonic()
+    status, body = server.chat(user(silent_image_host), max_tokens=4, temperature=0)
+    assert 400 <= status < 500, (status, body)
+    assert "no complete answer within 10 s" in body["error"]["message"]
+    assert silent_image_host in body["error"]["message"]
+    assert time.monotonic() - t0 < 30
     good_request_works(server)
 
 
@@ -227,6 +266,8 @@ def test_load_generator_sequential_vs_concurrent(server, tmp_path):
 
 
 def test_serving_patches_are_registered():
+    from vllm.connections import HTTPConnection
+    from vllm.entrypoints.serve.utils import api_utils
     from vllm.multimodal.media.connector import MediaConnector
     from vllm.multimodal.media.image import ImageMediaIO
     from vllm.multimodal.processing.context import InputProcessingContext
@@ -238,6 +279,9 @@ def test_serving_patches_are_registered():
     expected = [
         (ImageMediaIO, "load_bytes", "image_media_io"),
         (MediaConnector, "_load_file_url", "media_connector"),
+        (MediaConnector, "load_from_url_async", "media_fetch"),
+        (HTTPConnection, "get_async_client", "media_fetch"),
+        (api_utils, "validate_json_request", "json_body"),
         (InputProcessingContext, "call_hf_processor", "input_processing_context"),
     ]
     if current_platform.is_cpu():

@@ -19,7 +19,13 @@ import torch
 from massv_vllm.families import family_of_base, family_of_target
 from massv_vllm.provenance import write_provenance
 from massv_vllm.serving.checks import compare_tokenizers, load_base_config, target_config_from_dir
-from massv_vllm.serving.config import MassvConfig, MassvConfigError, ProjectorConfig, TargetInfo
+from massv_vllm.serving.config import (
+    DEFAULT_GAMMA,
+    MassvConfig,
+    MassvConfigError,
+    ProjectorConfig,
+    TargetInfo,
+)
 from massv_vllm.training.modeling import MassvDrafter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,8 +42,10 @@ def build_drafter(
     text_only: bool = False,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    gamma: int = DEFAULT_GAMMA,
 ) -> Path:
-    """Write an untrained drafter folder for ``target_dir`` built on ``small_lm_dir``."""
+    """Write an untrained drafter folder for ``target_dir`` built on ``small_lm_dir`` (``gamma``:
+    the draft tokens vLLM uses when none are given, recorded in its speculators section)."""
     from transformers import AutoModelForCausalLM
 
     small, target = Path(small_lm_dir), Path(target_dir)
@@ -86,7 +94,7 @@ def build_drafter(
         ),
     )
     drafter = MassvDrafter(base, massv)
-    out = drafter.save_pretrained(out_dir, tokenizer_from=small)
+    out = drafter.save_pretrained(out_dir, tokenizer_from=small, verifier=target, gamma=gamma)
     write_provenance(
         out,
         kind="build_drafter",
@@ -122,6 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-only", action="store_true", help="no projector (text-only baseline drafter)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the small LM's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gamma",
+        type=int,
+        default=DEFAULT_GAMMA,
+        help="draft tokens per step recorded in the folder (used when vLLM is given none)",
+    )
     a = p.parse_args(argv)
     # One error line instead of a traceback: hub ids (the usage line's own example) are not read.
     folders = {"--small-lm": a.small_lm, "--target": a.target}
@@ -145,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             text_only=a.text_only,
             dtype=DTYPES.get(a.dtype) if a.dtype else None,
             seed=a.seed,
+            gamma=a.gamma,
         )
     except MassvConfigError as e:
         p.exit(1, f"massv-build-drafter: error: {e}\n")

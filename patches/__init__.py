@@ -109,6 +109,37 @@ def replace_method(
     logger.info("massv-vllm: patched %s", where)
 
 
+def replace_function(
+    module: Any,
+    name: str,
+    make: Callable[[Callable[..., Any]], Callable[..., Any]],
+    expect: tuple[str, ...],
+) -> Callable[..., Any]:
+    """``replace_method`` for a module-level function: ``module.name = make(original)``, with the
+    same refusal of a second patching and the same signature check; returns the original.
+
+    Modules that imported the function by name before keep the original: patch early (the
+    post-import hook) or patch the importing module's attribute too."""
+    original = getattr(module, name)
+    where = f"{module.__name__}.{name}"
+    if getattr(original, _MARK, False):
+        raise PatchError(f"{where} is already patched by massv-vllm")
+    found = tuple(inspect.signature(original).parameters)
+    if found != expect:
+        raise PatchError(
+            f"{where} has parameters {found}, but the massv-vllm patch was written for {expect} "
+            f"(vLLM {TARGET_VLLM}); this vLLM build differs"
+        )
+    new = make(original)
+    new.__doc__ = new.__doc__ or original.__doc__
+    setattr(new, _MARK, True)
+    new.__massv_original__ = original
+    setattr(module, name, new)
+    _applied.append(where)
+    logger.info("massv-vllm: patched %s", where)
+    return original
+
+
 def bind(original: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
     """All arguments of a call to ``original`` by name (positional ones included), defaults filled."""
     bound = inspect.signature(original).bind(*args, **kwargs)

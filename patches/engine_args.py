@@ -11,9 +11,10 @@ runs for ``"draft_model"`` pointed at a MASSV folder.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
-from massv_vllm.patches import replace_method
+from massv_vllm.patches import replace_function, replace_method
 
 logger = logging.getLogger("vllm.massv_vllm.patches")
 METHOD = "massv"
@@ -23,12 +24,14 @@ def resolve_massv(args: Any, target_model_config: Any) -> None:
     """Validate a massv/draft_model speculative config on ``args`` and rewrite the alias in place."""
     from massv_vllm.patches.envs import set_massv_active
     from massv_vllm.serving.checks import check_pair
-    from massv_vllm.serving.config import MassvConfigError, is_massv_folder
+    from massv_vllm.serving.config import MassvConfigError, is_massv_folder, read_config_json, recorded_gamma
 
     spec = dict(args.speculative_config or {})
     method = spec.get("method", args.spec_method)
     model = spec.get("model", args.spec_model)
-    massv = method == METHOD or (method == "draft_model" and bool(model) and is_massv_folder(model))
+    # "massv", or a MASSV folder given as a draft model: --spec-model DRAFTER (vLLM then infers
+    # the method) or "method": "draft_model".
+    massv = method == METHOD or (method in (None, "draft_model") and bool(model) and is_massv_folder(model))
     # Engine processes started from here inherit the flag: the request-handling patches act in
     # MASSV servers only (patches/envs.py). A later non-MASSV engine in this process clears it.
     set_massv_active(massv)
@@ -39,12 +42,26 @@ def resolve_massv(args: Any, target_model_config: Any) -> None:
             "speculative_config", '"method": "massv" needs "model": the path of a MASSV drafter folder'
         )
     info = check_pair(model, target_model_config.hf_config, target_model_config.tokenizer)
-    if method == METHOD:
-        if "method" in spec:
-            spec["method"] = "draft_model"
-            args.speculative_config = spec
+    # Where the user put the method (the JSON dict or --spec-method) now says "draft_model".
+    in_dict = "method" in spec or (args.spec_method is None and args.speculative_config is not None)
+    if in_dict:
+        spec["method"] = "draft_model"
+    else:
+        args.spec_method = "draft_model"
+    if spec.get("num_speculative_tokens") is None and args.spec_tokens is None:
+        gamma = recorded_gamma(read_config_json(model))
+        if gamma is None:
+            raise MassvConfigError(
+                f"MASSV drafter {model}",
+                "no number of draft tokens given (num_speculative_tokens / --spec-tokens) and the folder "
+                "records none (speculators_config.proposal_methods[0].speculative_tokens)",
+            )
+        if args.speculative_config is not None:
+            spec["num_speculative_tokens"] = gamma
         else:
-            args.spec_method = "draft_model"
+            args.spec_tokens = gamma
+    if args.speculative_config is not None:
+        args.speculative_config = spec
     _check_lengths(info, target_model_config)
     if spec.get("parallel_drafting"):
         _check_parallel_drafting(info, model)
@@ -120,12 +137,105 @@ def _check_lengths(info: Any, target_model_config: Any) -> None:
         )
 
 
+def resolve_verifier(drafter: str, verifier: str) -> str:
+    """The target a speculators-format MASSV drafter folder names, as a usable path or hub id.
+
+    An absolute path is used as it is; a relative one is resolved against the drafter folder (a
+    drafter and target moved together keep working); anything else is a hub id, left to vLLM."""
+    from massv_vllm.serving.config import MassvConfigError
+
+    path = Path(verifier).expanduser()
+    if path.is_absolute():
+        candidate = path
+    elif verifier.startswith((".", "~")) or (Path(drafter) / verifier).exists():
+        candidate = (Path(drafter) / verifier).resolve()
+    else:
+        return verifier  # a hub id ("Qwen/Qwen2.5-VL-7B-Instruct"): vLLM resolves it as usual
+    if not candidate.is_dir():
+        raise MassvConfigError(
+            f"MASSV drafter {drafter}",
+            f"its config.json names the target (speculators_config.verifier.name_or_path) {verifier!r}, "
+            f"which is not a folder ({candidate}). Move the target there, correct that path (a relative "
+            "path is read from the drafter folder), or name the target yourself: vllm serve TARGET "
+            f'--speculative-config \'{{"method": "massv", "model": "{drafter}"}}\'',
+        )
+    return str(candidate)
+
+
+def massv_speculators_override(
+    model: str, user_spec: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]] | None:
+    """For ``vllm serve DRAFTER`` / ``LLM(model=DRAFTER)`` with a MASSV drafter folder: (the target,
+    the speculative config); None for any other model. The user's own speculative-config keys
+    (e.g. ``num_speculative_tokens``) win over the folder's."""
+    from massv_vllm.serving.config import (
+        SPECULATORS_TYPE,
+        read_config_json,
+        recorded_gamma,
+        recorded_verifier,
+    )
+
+    if not Path(model).is_dir() or not (Path(model) / "config.json").is_file():
+        return None
+    raw = read_config_json(model)
+    if raw.get("speculators_model_type") != SPECULATORS_TYPE:
+        return None
+    verifier = recorded_verifier(raw)
+    if verifier is None:
+        from massv_vllm.serving.config import MassvConfigError
+
+        raise MassvConfigError(
+            f"MASSV drafter {model}", "speculators_config.verifier.name_or_path is missing"
+        )
+    spec = {"method": METHOD, "model": model, "num_speculative_tokens": recorded_gamma(raw)}
+    spec |= {k: v for k, v in (user_spec or {}).items() if k not in ("method", "model")}
+    return resolve_verifier(model, verifier), spec
+
+
 VLLM_MODULE = "vllm.engine.arg_utils"  # applied when this vLLM module is imported
 SWITCHES = ("MASSV_PATCH_ALIAS",)
 
 
 def apply() -> None:
+    import vllm.engine.arg_utils as arg_utils
     from vllm.engine.arg_utils import EngineArgs
+
+    def make_override(original):
+        # vLLM's speculators detection (transformers_utils/config.py) starts the verifier named in
+        # a drafter folder; for MASSV folders the verifier path is resolved and checked first.
+        def maybe_override_with_speculators(
+            model,
+            tokenizer,
+            trust_remote_code,
+            revision=None,
+            vllm_speculative_config=None,
+            hf_token=None,
+            **kw,
+        ):
+            found = massv_speculators_override(str(model), vllm_speculative_config)
+            if found is None:
+                return original(
+                    model, tokenizer, trust_remote_code, revision, vllm_speculative_config, hf_token, **kw
+                )
+            target, spec = found
+            return target, target, spec
+
+        return maybe_override_with_speculators
+
+    replace_function(
+        arg_utils,
+        "maybe_override_with_speculators",
+        make_override,
+        expect=(
+            "model",
+            "tokenizer",
+            "trust_remote_code",
+            "revision",
+            "vllm_speculative_config",
+            "hf_token",
+            "kwargs",
+        ),
+    )
 
     def make(original):
         def create_speculative_config(self, target_model_config, target_parallel_config):

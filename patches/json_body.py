@@ -18,7 +18,7 @@ replaced before that; routers imported earlier keep vLLM's check, and a warning 
 import logging
 import sys
 
-from massv_vllm.patches import _MARK, PatchError, _applied
+from massv_vllm.patches import replace_function
 from massv_vllm.patches.envs import request_patch_applies
 
 logger = logging.getLogger("vllm.massv_vllm.patches")
@@ -39,43 +39,29 @@ def not_an_object(body) -> str | None:
 
 
 def apply() -> None:
-    import inspect
-
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
 
     module = sys.modules[VLLM_MODULE]
-    original = getattr(module, NAME)
-    if getattr(original, _MARK, False):
-        raise PatchError(f"{VLLM_MODULE}.{NAME} is already patched by massv-vllm")
-    found = tuple(inspect.signature(original).parameters)
-    if found != ("raw_request",):
-        raise PatchError(
-            f"{VLLM_MODULE}.{NAME} has parameters {found}, but the massv-vllm patch was written for "
-            "('raw_request',) (vLLM 0.26.0); this vLLM build differs"
-        )
 
-    # No ``from __future__ import annotations`` in this module: FastAPI reads the annotation below
-    # to know what to inject, and it must be the Request class, not the string "Request".
-    async def validate_json_request(raw_request: Request):
-        await original(raw_request)  # vLLM's content-type check
-        if not request_patch_applies(SWITCHES[0]):
-            return
-        try:
-            body = await raw_request.json()  # parsed (and cached) by FastAPI before its dependencies
-        except Exception:
-            return  # not JSON at all: FastAPI has already answered it with its own 400
-        message = not_an_object(body)
-        if message is not None:
-            raise RequestValidationError(errors=[message])
+    def make(original):
+        # No ``from __future__ import annotations`` in this module: FastAPI reads the annotation
+        # below to know what to inject, and it must be the Request class, not the string "Request".
+        async def validate_json_request(raw_request: Request):
+            await original(raw_request)  # vLLM's content-type check
+            if not request_patch_applies(SWITCHES[0]):
+                return
+            try:
+                body = await raw_request.json()  # parsed (and cached) by FastAPI before its dependencies
+            except Exception:
+                return  # not JSON at all: FastAPI has already answered it with its own 400
+            message = not_an_object(body)
+            if message is not None:
+                raise RequestValidationError(errors=[message])
 
-    validate_json_request.__doc__ = original.__doc__
-    validate_json_request.__massv_original__ = original
-    setattr(validate_json_request, _MARK, True)
-    setattr(module, NAME, validate_json_request)
-    where = f"{VLLM_MODULE}.{NAME}"
-    _applied.append(where)
-    logger.info("massv-vllm: patched %s", where)
+        return validate_json_request
+
+    original = replace_function(module, NAME, make, expect=("raw_request",))
     early = sorted(
         name
         for name, mod in list(sys.modules.items())

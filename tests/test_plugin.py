@@ -330,3 +330,63 @@ def test_parallel_drafting_needs_a_drafter_trained_for_it(tiny_qwen, tmp_path):
     a = args(folder)
     resolve_massv(a, target)
     assert a.speculative_config["method"] == "draft_model" and a.speculative_config["parallel_drafting"]
+
+
+def test_a_massv_folder_given_as_spec_model_is_served_as_massv(tiny_qwen):
+    """``--spec-model DRAFTER`` alone (vLLM would infer the method) and ``--spec-method
+    draft_model``: checked and served as MASSV, with the γ the folder records."""
+    import json
+
+    from massv_vllm.patches.engine_args import resolve_massv
+
+    gamma = json.loads((tiny_qwen.drafter / "config.json").read_text())["speculators_config"]
+    gamma = gamma["proposal_methods"][0]["speculative_tokens"]
+    a = _args(None, spec_model=str(tiny_qwen.drafter))
+    resolve_massv(a, _target(tiny_qwen))
+    assert (a.spec_method, a.spec_tokens, a.speculative_config) == ("draft_model", gamma, None)
+    b = _args(None, spec_method="draft_model", spec_model=str(tiny_qwen.drafter), spec_tokens=2)
+    resolve_massv(b, _target(tiny_qwen))
+    assert (b.spec_method, b.spec_tokens) == ("draft_model", 2)  # the user's γ wins
+    c = _args({"model": str(tiny_qwen.drafter)})
+    resolve_massv(c, _target(tiny_qwen))
+    assert c.speculative_config == {"model": str(tiny_qwen.drafter), "method": "draft_model",
+                                    "num_speculative_tokens": gamma}  # fmt: skip
+    d = _args(None, spec_model=str(tiny_qwen.small_lm))  # a plain LM: vLLM's business
+    resolve_massv(d, _target(tiny_qwen))
+    assert (d.spec_method, d.spec_tokens) == (None, None)
+
+
+def test_speculators_folder_names_its_target(tiny_qwen, tmp_path):
+    """``vllm serve DRAFTER``: the target comes from the folder; relative paths are read from the
+    drafter folder, a missing target is one clear error, a hub id is left to vLLM."""
+    import json
+    import shutil
+
+    from massv_vllm.patches.engine_args import massv_speculators_override
+    from massv_vllm.serving.config import MassvConfigError
+
+    target, spec = massv_speculators_override(str(tiny_qwen.drafter), None)
+    assert target == str(tiny_qwen.target.resolve())
+    assert spec == {"method": "massv", "model": str(tiny_qwen.drafter), "num_speculative_tokens": 5}
+    _, spec = massv_speculators_override(str(tiny_qwen.drafter), {"num_speculative_tokens": 2, "model": "x"})
+    assert spec["num_speculative_tokens"] == 2 and spec["model"] == str(tiny_qwen.drafter)
+    assert massv_speculators_override(str(tiny_qwen.small_lm), None) is None  # not a MASSV folder
+    assert massv_speculators_override("Qwen/Qwen2.5-VL-7B-Instruct", None) is None
+
+    moved = tmp_path / "bundle"
+    shutil.copytree(tiny_qwen.drafter, moved / "drafter")
+    cfg_path = moved / "drafter" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+
+    def name(value):
+        cfg["speculators_config"]["verifier"]["name_or_path"] = value
+        cfg_path.write_text(json.dumps(cfg))
+        return massv_speculators_override(str(moved / "drafter"), None)
+
+    shutil.copytree(tiny_qwen.target, moved / "target")
+    assert name("../target")[0] == str((moved / "target").resolve())
+    assert name("Qwen/Qwen2.5-VL-7B-Instruct")[0] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    with pytest.raises(MassvConfigError, match=r"names the target .*'/nowhere/target'.*vllm serve TARGET"):
+        name("/nowhere/target")
+    with pytest.raises(MassvConfigError, match="not a folder"):
+        name("../missing")

@@ -17,6 +17,19 @@ A drafter folder is a regular HF checkpoint of its small LM (``model_type`` "qwe
 
 ``projector`` is null for a text-only drafter (the baseline): same model class, images ignored.
 Keys are deliberately not named ``projection_*``: vLLM reads those to size its embedding buffers.
+
+The folder is also a *speculators*-format model (vllm-project/speculators), so ``vllm serve
+DRAFTER`` and ``LLM(model=DRAFTER)`` start its target with MASSV (``speculators_fields``):
+
+    "speculators_model_type": "massv",
+    "transformer_layer_config": {<the small LM's own config>},
+    "speculators_config": {"proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 5}],
+                           "default_proposal_method": "greedy",
+                           "verifier": {"name_or_path": "/abs/path/of/the/target", "architectures": [...]}}
+
+``model_type`` stays the small LM's, so transformers and vLLM never read the folder as a
+``SpeculatorsConfig``. ``pard_token`` (top level, where vLLM reads it) names the mask token of a
+drafter trained for parallel drafting (training/parallel.py).
 """
 
 from __future__ import annotations
@@ -272,6 +285,55 @@ def _parse(cls: type, raw: Any, name: str, problems: list[str]):
             problems.append(f"'{name}.{fname}' must be {want.__name__}, got {val!r}")
         kwargs[fname] = val
     return cls(**kwargs) if len(problems) == before else None
+
+
+SPECULATORS_TYPE = "massv"
+SPECULATORS_KEYS = ("speculators_model_type", "transformer_layer_config", "speculators_config")
+DEFAULT_GAMMA = 5
+MAX_GAMMA = 64
+
+
+def speculators_fields(
+    base_config: Mapping[str, Any], massv: MassvConfig, *, gamma: int, verifier: str
+) -> dict[str, Any]:
+    """The top-level config.json keys of the speculators format for this drafter.
+
+    ``verifier`` is the target as the drafter was built or trained against it (an absolute local
+    path or a hub id); ``gamma`` the number of draft tokens vLLM uses when none is given."""
+    if not isinstance(gamma, int) or not 1 <= gamma <= MAX_GAMMA:
+        raise MassvConfigError(
+            "speculators config", f"speculative_tokens must be 1..{MAX_GAMMA}, got {gamma!r}"
+        )
+    layer = {k: v for k, v in base_config.items() if k not in (CONFIG_KEY, *SPECULATORS_KEYS)}
+    return {
+        "speculators_model_type": SPECULATORS_TYPE,
+        "transformer_layer_config": layer,
+        "speculators_config": {
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": gamma}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": verifier, "architectures": [massv.target.architecture]},
+        },
+    }
+
+
+def recorded_gamma(raw: Mapping[str, Any]) -> int | None:
+    """The number of draft tokens a drafter folder records (its speculators section), if any."""
+    try:
+        gamma = raw["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return (
+        gamma if isinstance(gamma, int) and not isinstance(gamma, bool) and 1 <= gamma <= MAX_GAMMA else None
+    )
+
+
+def recorded_verifier(raw: Mapping[str, Any]) -> str | None:
+    """The target a drafter folder names as its verifier, if any."""
+    try:
+        name = raw["speculators_config"]["verifier"]["name_or_path"]
+    except (KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name else None
 
 
 def read_config_json(folder: str | Path, subject: str | None = None) -> dict[str, Any]:

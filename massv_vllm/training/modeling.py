@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from massv_vllm.serving.checks import check_drafter
-from massv_vllm.serving.config import CONFIG_KEY, MassvConfig
+from massv_vllm.serving.config import (
+    CONFIG_KEY,
+    DEFAULT_GAMMA,
+    MassvConfig,
+    recorded_gamma,
+    speculators_fields,
+)
 from massv_vllm.serving.projector import Projector
 
 TOKENIZER_FILES = (
@@ -177,8 +183,19 @@ class MassvDrafter(nn.Module):
             sd |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
         return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer_from: str | Path | None = None) -> Path:
-        """Write config.json (+ ``massv`` section), model.safetensors and tokenizer files."""
+    def save_pretrained(
+        self,
+        out_dir: str | Path,
+        tokenizer_from: str | Path | None = None,
+        *,
+        verifier: str | Path | None = None,
+        gamma: int | None = None,
+    ) -> Path:
+        """Write config.json (+ ``massv`` section), model.safetensors and tokenizer files.
+
+        ``verifier`` (the target folder or hub id) also writes the speculators section, so that
+        ``vllm serve <out_dir>`` starts that target with this drafter and ``gamma`` draft tokens
+        (default: what the folder recorded before, else 5); a local path is stored absolute."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
@@ -186,6 +203,14 @@ class MassvDrafter(nn.Module):
         cfg = self.base.config
         setattr(cfg, CONFIG_KEY, self.massv.to_dict())
         cfg.architectures = [self.massv.family.drafter_architecture]
+        if verifier is not None:
+            local = Path(verifier)
+            name = str(local.resolve()) if local.exists() else str(verifier)
+            gamma = gamma or recorded_gamma(cfg.to_dict()) or DEFAULT_GAMMA
+            for key, value in speculators_fields(
+                cfg.to_dict(), self.massv, gamma=gamma, verifier=name
+            ).items():
+                setattr(cfg, key, value)
         cfg.save_pretrained(out)
         tmp = out / "model.safetensors.tmp"
         save_file(self.state_dict_for_save(), str(tmp), metadata={"format": "pt"})

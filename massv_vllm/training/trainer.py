@@ -253,13 +253,20 @@ def _save_drafter(args, phase, dist, engine, data, ds_cfg, run: Run, out: Path) 
 
     drafter_out = out / "drafter"
     module = engine.module
+    # The speculators section names the target this drafter was trained against and its γ (the
+    # parallel-drafting γ when trained for it, else what the input drafter recorded, else 5).
+    save_kw = dict(
+        tokenizer_from=args.drafter,
+        verifier=args.target,
+        gamma=getattr(args, "parallel_draft_tokens", 0) or None,
+    )
     module.base.config.dtype = next(module.parameters()).dtype  # what the weights are saved in
     if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if dist.main:
-                module.save_pretrained(drafter_out, tokenizer_from=args.drafter)
+                module.save_pretrained(drafter_out, **save_kw)
     elif dist.main:
-        module.save_pretrained(drafter_out, tokenizer_from=args.drafter)
+        module.save_pretrained(drafter_out, **save_kw)
     if not dist.main:
         return drafter_out
     data_files = sorted(f for d in args.data for f in _data_files(Path(d)))

@@ -396,7 +396,7 @@ def _prompts(
 
     from massv_vllm.testing.tiny import synthetic_image
 
-    proc = AutoProcessor.from_pretrained(str(target))
+    proc = AutoProcessor.from_pretrained(str(target), trust_remote_code=False)
     tok = proc.tokenizer
     special = set(tok.all_special_ids)
     pool = [i for i in range(len(tok)) if i not in special]

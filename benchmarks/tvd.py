@@ -100,7 +100,9 @@ class Scorer:
             except ValueError as e:
                 raise ValueError(f"drafter {name!r}: {e}") from e
         self.model = (
-            AutoModelForImageTextToText.from_pretrained(str(target), dtype=dtype).to(self.device).eval()
+            AutoModelForImageTextToText.from_pretrained(str(target), dtype=dtype, trust_remote_code=False)
+            .to(self.device)
+            .eval()
         )
         self.encoder.vision = self.model.model
         self.drafters = {

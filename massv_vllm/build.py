@@ -70,7 +70,7 @@ def build_drafter(
         raise MassvConfigError(subject, problems)
 
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(str(small), dtype=dtype or "auto")
+    base = AutoModelForCausalLM.from_pretrained(str(small), dtype=dtype or "auto", trust_remote_code=False)
     base_vocab = base.get_input_embeddings().weight.shape[0]
     pad_vocab(base, target_vocab)
     embed_dim = fam.image_embed_dim(tcfg)

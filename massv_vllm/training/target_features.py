@@ -52,7 +52,7 @@ class TargetEncoder:
         self.family: Family = fam
         self.image_token_id = fam.image_token_id(self.config)
         self.embed_dim = fam.image_embed_dim(self.config)
-        self.processor = AutoProcessor.from_pretrained(str(self.target_dir))
+        self.processor = AutoProcessor.from_pretrained(str(self.target_dir), trust_remote_code=False)
         self.tokenizer = self.processor.tokenizer
         self.device = torch.device(device)
         self.dtype = dtype
@@ -61,7 +61,9 @@ class TargetEncoder:
     def _load_vision(self) -> torch.nn.Module:
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(str(self.target_dir), dtype=self.dtype)
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(self.target_dir), dtype=self.dtype, trust_remote_code=False
+        )
         inner = model.model
         # Only the vision tower (+ merger/projector) is needed; free the language model.
         inner.language_model = None

@@ -159,3 +159,33 @@ def test_low_acceptance_lossless_features_and_image_use(tiny, aware, dtype):
             assert first[0] == tokens[colour]
     finally:
         shutdown(llm)
+
+
+def test_parallel_drafting_is_lossless(tiny, mirror, tmp_path):
+    """``"parallel_drafting": true`` (one drafter forward per step, γ slots per request) on the GPU
+    path: T=0 equals no speculation, and the bonus-slot draft is accepted (the mirror's mask row is
+    untrained, so the later positions mostly are not)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "parallel"
+    shutil.copytree(mirror, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["pard_token"] = cfg["vocab_size"] - 1
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ref = reference(tiny, "float32")
+    llm = make_llm(
+        str(tiny.target), massv_spec(str(folder), GAMMA, parallel_drafting=True), dtype="float32", **KW
+    )
+    try:
+        before = SpecCounters.from_llm(llm)
+        outs = greedy(llm, _suite(), max_tokens=24)
+        delta = SpecCounters.from_llm(llm) - before
+        print(
+            f"\n[{tiny.family} parallel] MAL {delta.mean_accepted_length:.3f}, acceptance per position "
+            f"{[round(a, 3) for a in delta.acceptance_per_position]}"
+        )
+        check_lossless(tiny, "float32", ref, outs)
+        assert delta.acceptance_per_position[0] > 0.8
+    finally:
+        shutdown(llm)

@@ -196,3 +196,40 @@ def train_image_aware_drafter(tiny, out_dir, max_steps: int = 300, text: str = "
     drafter.eval()
     drafter.save_pretrained(out_dir, tokenizer_from=tiny.drafter)
     return out_dir, tokens
+
+
+def greedy_by_kind(llm, requests, max_tokens: int = MAX_TOKENS) -> tuple[dict, dict[str, SpecCounters]]:
+    """T=0 outputs and spec-decode counter deltas of the text-only and of the image requests of
+    ``requests``, one batch per kind: ({kind: outputs}, {kind: counters}); kinds "text", "image"
+    (a kind without requests is left out)."""
+    outs, counters = {}, {}
+    for kind in ("text", "image"):
+        subset = [r for r in requests if (r.num_images > 0) == (kind == "image")]
+        if not subset:
+            continue
+        before = SpecCounters.from_llm(llm)
+        outs[kind] = greedy(llm, subset, max_tokens)
+        counters[kind] = SpecCounters.from_llm(llm) - before
+    return outs, counters
+
+
+def sharpen_target(target, out_dir, factor: float):
+    """A copy of a tiny target whose ``lm_head`` is scaled by ``factor``: the same argmax (so the
+    same greedy outputs) but logits ``factor`` times larger, i.e. its T=1 distribution is the
+    original's at T = 1/factor. The random tiny targets are near-uniform over their vocabulary at
+    T=1; sharpened, a T=1 sample spreads over a handful of tokens."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    target, out = Path(target), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in target.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(target / "model.safetensors"))
+    if "lm_head.weight" not in sd:
+        raise ValueError(f"{target}: no untied lm_head.weight to sharpen")
+    sd["lm_head.weight"] = sd["lm_head.weight"] * factor
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

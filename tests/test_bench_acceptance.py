@@ -1,7 +1,10 @@
 """benchmarks.acceptance: summary logic (no engine) and one end-to-end run on the tiny Qwen set.
 
 The end-to-end run starts two engines (``none`` and ``massv``; γ is fixed per engine) once for the
-whole module and every engine test reads its results.
+whole module and every engine test reads its results. The ``massv`` drafter is a mirror drafter
+(the target's own text stack, identity projector), so at T=0 its drafts are accepted: the run must
+report MAL >= γ + 0.5 on the text-only task and > 2 on the image tasks, with outputs identical to
+``none``.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from PIL import Image
 from benchmarks import acceptance
 from benchmarks.acceptance import ALL, SCHEMA, Mode, exactness, format_report, run_acceptance, summarise
 from benchmarks.report import check_schema
-from massv_vllm.testing.tiny import synthetic_image
+from massv_vllm.testing.tiny import make_mirror_drafter, synthetic_image
 
 GAMMA = 3
-MAX_TOKENS = 8
+MAX_TOKENS = 16
 
 
 def _run(task, temp, ids, counters=(0, 0, 0, ()), wall=1.0, tokens=None, lat=0.5):
@@ -110,6 +113,13 @@ def acc_run(tiny_qwen, tmp_path_factory):
                 "conversations": [{"from": "human", "value": f"<image>\n{q}"}],
             }
         )
+    recs.append(  # text only
+        {
+            "id": "t0",
+            "task": "text",
+            "conversations": [{"from": "human", "value": "Hello! Please answer briefly."}],
+        }
+    )
     ev = root / "eval.json"
     ev.write_text(json.dumps(recs))
     kwargs = dict(
@@ -121,7 +131,8 @@ def acc_run(tiny_qwen, tmp_path_factory):
         progress=False,
         argv=["test"],
     )
-    modes = ["none", f"massv={tiny_qwen.drafter}"]
+    mirror = make_mirror_drafter(tiny_qwen.target, tiny_qwen.tokenizer, root / "mirror")
+    modes = ["none", f"massv={mirror}"]
     doc = run_acceptance(tiny_qwen.target, ev, modes, root / "out", **kwargs)
     return doc, root / "out", (tiny_qwen.target, ev, modes, kwargs)
 
@@ -136,7 +147,7 @@ def test_results_file_and_plots(acc_run):
         with Image.open(out / p) as im:
             im.verify()
     assert doc["modes"]["massv"]["kind"] == "massv" and doc["modes"]["none"]["drafter"] is None
-    assert doc["eval"]["tasks"] == {"captioning": 1, "vqa": 2}
+    assert doc["eval"]["tasks"] == {"captioning": 1, "text": 1, "vqa": 2}
 
 
 @pytest.mark.engine
@@ -144,7 +155,7 @@ def test_acceptance_counters_and_throughput(acc_run):
     doc, _, _ = acc_run
     rows = {(r["mode"], r["temperature"], r["task"]): r for r in doc["runs"]}
     for temp in (0.0, 1.0):
-        for task, n in (("captioning", 1), ("vqa", 2), (ALL, 3)):
+        for task, n in (("captioning", 1), ("text", 1), ("vqa", 2), (ALL, 4)):
             m = rows[("massv", temp, task)]
             c = m["counters"]
             assert m["num_requests"] == n and m["output_tokens"] == n * MAX_TOKENS  # ignore_eos
@@ -157,17 +168,27 @@ def test_acceptance_counters_and_throughput(acc_run):
             base = rows[("none", temp, task)]
             assert base["mal"] is None and base["counters"]["num_drafts"] == 0
         # per-task counter deltas add up to the overall one: snapshots bracket each task exactly
-        parts = [rows[("massv", temp, t)]["counters"]["num_drafts"] for t in ("captioning", "vqa")]
+        parts = [rows[("massv", temp, t)]["counters"]["num_drafts"] for t in ("captioning", "text", "vqa")]
         assert sum(parts) == rows[("massv", temp, ALL)]["counters"]["num_drafts"]
     pairs = {(s["mode"], s["baseline"], s["temperature"], s["task"]) for s in doc["speedups"]}
     assert ("massv", "none", 0.0, ALL) in pairs and ("massv", "none", 1.0, "vqa") in pairs
 
 
 @pytest.mark.engine
+def test_mirror_drafts_are_accepted_at_t0(acc_run):
+    """The reported MAL shows accepted drafts: the mirror drafter is the target on text."""
+    doc, _, _ = acc_run
+    mal = {r["task"]: r["mal"] for r in doc["runs"] if r["mode"] == "massv" and r["temperature"] == 0.0}
+    print(f"\nmirror drafter MAL at T=0: {mal}")
+    assert mal["text"] >= GAMMA + 0.5, mal
+    assert mal["captioning"] > 2.0 and mal["vqa"] > 2.0, mal
+
+
+@pytest.mark.engine
 def test_greedy_outputs_identical_across_modes(acc_run):
     doc, _, _ = acc_run
     ex = doc["exactness"]
-    assert ex["checked"] and ex["reference"] == "none" and ex["num_compared"] == 3
+    assert ex["checked"] and ex["reference"] == "none" and ex["num_compared"] == 4
     assert ex["identical"] is True and ex["mismatches"] == []
     assert "T=0 exactness: IDENTICAL" in format_report(doc)
 

@@ -3,7 +3,10 @@
 * `torchrun --nproc_per_node 2 train/sdvit.py` with ZeRO-2 and ZeRO-3: the loss falls, and the
   drafter saved equals a one-process run's in format and (within tolerance) in weights.
 * A tensor-parallel (TP=2) target with a MASSV drafter (vLLM requires draft TP = target TP): T=0
-  outputs equal the TP=2 target alone, and the spec-decode counters are populated.
+  outputs equal the TP=2 target alone, for a mirror drafter (the target's own text stack, heads
+  4/2 KV split over the two ranks) whose drafts are accepted (MAL >= γ + 0.5 on text-only prompts,
+  > 2 on image prompts), and for the random tiny drafter (low acceptance; its single KV head is
+  replicated on both ranks).
 """
 
 from __future__ import annotations
@@ -73,32 +76,63 @@ def _initial(trained: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(prov["inputs"]["drafter"]) / "model.safetensors"))
 
 
-@pytest.mark.engine
-def test_tensor_parallel_target_with_massv_drafter(tiny_qwen, monkeypatch):
-    from massv_vllm.engine import make_llm, massv_spec, shutdown
-    from massv_vllm.metrics import SpecCounters
-    from massv_vllm.testing.lossless import divergences, greedy, prompt_suite
+TP_GAMMA = 3
+TP_MAX_TOKENS = 12
+TP_KW = dict(
+    max_model_len=1024, dtype="float32", tensor_parallel_size=2, max_num_batched_tokens=128, max_num_seqs=4
+)
+
+
+def _tp_run(tiny, spec):
+    """T=0 outputs and counter deltas of a TP=2 engine, text-only and image prompts in a batch each."""
+    from massv_vllm.engine import make_llm, shutdown
+    from massv_vllm.testing.lossless import prompt_suite
+    from tests.engine_checks import greedy_by_kind
 
     if torch.cuda.is_available() and torch.cuda.device_count() < 2:
         pytest.skip("TP=2 needs two GPUs")
-    # vLLM's CPU workers bind one NUMA node each unless told which cores to use.
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    suite = prompt_suite(6, max_images=2, long_words=100)
-    kw = dict(
-        max_model_len=1024,
-        dtype="float32",
-        tensor_parallel_size=2,
-        max_num_batched_tokens=128,
-        max_num_seqs=4,
-    )
-    outs = {}
-    for name, spec in (("target", None), ("massv", massv_spec(str(tiny_qwen.drafter), 3))):
-        llm = make_llm(str(tiny_qwen.target), spec, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        # vLLM's CPU workers bind one NUMA node each unless told which cores to use.
+        mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+        llm = make_llm(str(tiny.target), spec, **TP_KW)
         try:
-            before = SpecCounters.from_llm(llm)
-            outs[name] = greedy(llm, suite, 12)
-            delta = SpecCounters.from_llm(llm) - before
+            return greedy_by_kind(llm, prompt_suite(6, max_images=2, long_words=100), TP_MAX_TOKENS)
         finally:
             shutdown(llm)
-    assert delta.num_drafts > 0 and delta.num_draft_tokens == 3 * delta.num_drafts
-    assert divergences(outs["target"], outs["massv"]) == []
+
+
+@pytest.fixture(scope="module")
+def tp_reference(tiny_qwen):
+    return _tp_run(tiny_qwen, None)[0]
+
+
+def _assert_tp_lossless(reference, outs, counters) -> None:
+    from massv_vllm.testing.lossless import divergences
+
+    assert outs.keys() == reference.keys() == {"text", "image"}
+    for kind in outs:
+        assert divergences(reference[kind], outs[kind]) == [], kind
+        c = counters[kind]
+        assert c.num_drafts > 0 and c.num_draft_tokens == TP_GAMMA * c.num_drafts
+
+
+@pytest.mark.engine
+def test_tensor_parallel_target_with_mirror_drafter(tiny_qwen, tp_reference, tmp_path):
+    from massv_vllm.engine import massv_spec
+    from massv_vllm.testing.tiny import make_mirror_drafter
+
+    drafter = make_mirror_drafter(tiny_qwen.target, tiny_qwen.tokenizer, tmp_path / "mirror")
+    outs, counters = _tp_run(tiny_qwen, massv_spec(str(drafter), TP_GAMMA))
+    _assert_tp_lossless(tp_reference, outs, counters)
+    mals = {k: c.mean_accepted_length for k, c in counters.items()}
+    print(f"\nTP=2 mirror drafter MAL: {mals}")
+    assert mals["text"] >= TP_GAMMA + 0.5 and mals["image"] > 2.0, mals
+
+
+@pytest.mark.engine
+def test_tensor_parallel_low_acceptance_drafter(tiny_qwen, tp_reference):
+    from massv_vllm.engine import massv_spec
+
+    outs, counters = _tp_run(tiny_qwen, massv_spec(str(tiny_qwen.drafter), TP_GAMMA))
+    _assert_tp_lossless(tp_reference, outs, counters)
+    assert all(c.mean_accepted_length < 2.0 for c in counters.values())  # mostly rejected

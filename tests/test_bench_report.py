@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks.acceptance import parse_modes
@@ -18,6 +25,7 @@ from benchmarks.report import (
     bar_panels,
     check_schema,
     format_table,
+    gpu_names,
     histograms,
     line_panels,
     run_metadata,
@@ -26,6 +34,8 @@ from benchmarks.report import (
 from massv_vllm.engine import parse_engine_args
 from massv_vllm.testing.tiny import synthetic_image
 from massv_vllm.training.data.records import DataError, ReadStats
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _assert_png(path):
@@ -60,8 +70,39 @@ def test_run_metadata_matches_its_schema():
     assert check_schema(meta, META_SCHEMA) == []
     assert meta["command"].endswith("-m benchmarks.x --a 'b c'")
     assert meta["settings"] == {"gamma": 5, "path": "/x/y"}
-    assert meta["host"]["gpu"] == [] or all(isinstance(g, str) for g in meta["host"]["gpu"])
-    assert "torch" in meta["versions"]
+    # The host and versions, found out independently here (on CPU: no GPU may be invented).
+    want_gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    assert meta["host"]["gpu"] == (want_gpus if torch.cuda.is_available() else [])
+    assert meta["host"]["cpu_count"] == os.cpu_count() and meta["host"]["python"] == platform.python_version()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        assert meta["host"]["cpu"] == (names[0] if names else platform.processor() or platform.machine())
+    assert meta["versions"]["torch"] == metadata.version("torch")
+    assert all(v == metadata.version(name) for name, v in meta["versions"].items())
+    when = _dt.datetime.fromisoformat(meta["date"])
+    assert abs((_dt.datetime.now(_dt.timezone.utc) - when).total_seconds()) < 600
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: the commit, "+dirty" when tracked files changed
+        assert meta["git_commit"] in (head.stdout.strip(), head.stdout.strip() + "+dirty")
+
+
+def test_gpu_names_lists_every_device_and_survives_a_broken_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"NVIDIA H200 #{i}")
+    assert gpu_names() == ["NVIDIA H200 #0", "NVIDIA H200 #1"]
+    assert run_metadata({}, argv=[])["host"]["gpu"] == ["NVIDIA H200 #0", "NVIDIA H200 #1"]
+
+    def broken(i):
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", broken)
+    assert gpu_names() == []
 
 
 def tmp_path_like():

@@ -123,6 +123,39 @@ def test_schedule_warms_up_decays_and_honours_the_time_budget():
     assert tt.lr_at(20, 1.0, 10, 100, time_fraction=1.0) == pytest.approx(0.1)  # out of time: floor
 
 
+@torch.no_grad()
+def _greedy_by_hand(model, enc, records) -> list[str]:
+    """Greedy answers the plain way: one record at a time, no padding, no KV cache; each new token
+    is the argmax of a full forward pass over the prompt and the tokens so far, until an end token
+    of the model's generation config or the task's token limit."""
+    ends = model.generation_config.eos_token_id
+    ends = set(ends if isinstance(ends, list) else [] if ends is None else [ends])
+    was_training = model.training
+    model.eval()
+    answers = []
+    for r in records:
+        inputs = enc.processor(
+            text=[enc.prompt_text(r)], images=[[load_image(r.images[0])]], return_tensors="pt"
+        )
+        ids = inputs["input_ids"][0].tolist()
+        new: list[int] = []
+        for _ in range(tt.MAX_NEW_TOKENS[r.task]):
+            x = torch.tensor([ids + new])
+            logits = model(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                mm_token_type_ids=(x == enc.image_token_id).int(),
+                pixel_values=inputs["pixel_values"],
+                image_grid_thw=inputs["image_grid_thw"],
+            ).logits
+            new.append(int(logits[0, -1].argmax()))
+            if new[-1] in ends:
+                break
+        answers.append(enc.tokenizer.decode(new, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
+
+
 def test_training_checkpoints_and_resumes_where_it_stopped(world, parts, tmp_path):
     model, enc, train = parts
     val = tt.read_split(world / "world", "val")
@@ -133,7 +166,10 @@ def test_training_checkpoints_and_resumes_where_it_stopped(world, parts, tmp_pat
     st, reason = tt._train_loop(m, enc, train, val, sizes, 0, dev, None, state)
     assert st.step == 2 and reason == "max_steps" and state.is_file() and len(st.history) == 1
     answers = tt.greedy_answers(m, enc, val[:2], dev, None)
-    assert answers == tt.greedy_answers(m, enc, val[:2], dev, None)  # greedy: deterministic
+    # generate(), batched with left padding (prompts of 156..242 tokens), = the plain way; also on
+    # the untrained model, whose answers are not one repeated token
+    assert answers == _greedy_by_hand(m, enc, val[:2])
+    assert tt.greedy_answers(model, enc, val[:3], dev, None) == _greedy_by_hand(model, enc, val[:3])
     m2 = copy.deepcopy(model)  # a fresh process: the weights come from the checkpoint
     st2, _ = tt._train_loop(m2, enc, train, val, dataclasses.replace(sizes, max_steps=4), 0, dev, None, state)
     assert st2.step == 4 and [h["step"] for h in st2.history] == [2, 4]

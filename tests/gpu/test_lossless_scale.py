@@ -2,11 +2,14 @@
 
 200 chat requests (0-3 synthetic images of sizes 56..448 px, text-only, long prompts that take
 several prefill chunks: ``max_num_batched_tokens`` is small) are run through the tiny Qwen2.5-VL
-target with and without its MASSV drafter, each request alone (batch size 1) and all at once
-(``max_num_seqs`` 64), and once more with sampled (T=0.8) requests sharing the batch. float32
+target with and without a MASSV drafter, each request alone (batch size 1) and all at once
+(``max_num_seqs`` 64), and once more with sampled (T=0.8) requests sharing the batch. Two drafters:
+a mirror drafter (the target's own text stack, identity projector), whose drafts are accepted
+(MAL >= γ + 0.5 on the text-only requests, > 2 on the image requests: the accepted-prefix path),
+and the random tiny drafter, whose drafts are mostly rejected (the low-acceptance case). float32
 engines must agree exactly (a divergence is excused only at a true fp32 tie); bf16 engines may
 diverge only where the reference's top-2 logprob gap at the first differing token is tiny, and
-every divergence is printed with its gap. ~2.5 min on one H100 (4 engine starts of ~15 s).
+every divergence is printed with its gap. ~4 min on one H100 (6 engine starts of ~15 s).
 
     pytest tests/gpu/test_lossless_scale.py -q -s
     MASSV_GPU_TESTS_ON_CPU=1 MASSV_LOSSLESS_N=6 pytest tests/gpu/test_lossless_scale.py -q -s  # CPU dry run
@@ -24,6 +27,8 @@ import torch
 from massv_vllm.engine import make_llm, massv_spec, on_gpu, shutdown
 from massv_vllm.metrics import SpecCounters
 from massv_vllm.testing.lossless import Output, divergences, greedy, prompt_suite
+from massv_vllm.testing.tiny import make_mirror_drafter
+from tests.engine_checks import greedy_by_kind
 
 CPU_DRY_RUN = os.environ.get("MASSV_GPU_TESTS_ON_CPU") == "1"
 pytestmark = [
@@ -56,6 +61,7 @@ class Run:
     mixed: list[Output] | None  # greedy requests of a batch that also holds sampled ones
     counters: SpecCounters
     seconds: float
+    by_kind: dict[str, SpecCounters]  # the text-only and the image requests again, a batch each
 
 
 def _mixed_batch(llm, reqs) -> list[Output]:
@@ -91,9 +97,10 @@ def _run(target, spec, dtype: str, reqs, n_single: int, mixed: bool) -> Run:
         single = [greedy(llm, [r], MAX_TOKENS, logprobs=2)[0] for r in reqs[:n_single]]
         mixed_out = _mixed_batch(llm, reqs) if mixed else None
         counters = SpecCounters.from_llm(llm) - before
+        by_kind = greedy_by_kind(llm, reqs, MAX_TOKENS)[1] if spec is not None else {}
     finally:
         shutdown(llm)
-    return Run(batched, single, mixed_out, counters, time.perf_counter() - t0)
+    return Run(batched, single, mixed_out, counters, time.perf_counter() - t0, by_kind)
 
 
 @pytest.fixture(scope="module")
@@ -103,24 +110,33 @@ def suite():
     return reqs
 
 
-def _pair(tiny, suite, dtype: str, n_single: int) -> tuple[Run, Run]:
-    ref = _run(tiny.target, None, dtype, suite, n_single, mixed=False)
-    massv = _run(tiny.target, massv_spec(str(tiny.drafter), GAMMA), dtype, suite, n_single, mixed=True)
-    print(
-        f"\n[{dtype}] reference {ref.seconds:.0f} s, MASSV {massv.seconds:.0f} s, "
-        f"MAL {massv.counters.mean_accepted_length}, drafts {massv.counters.num_drafts}"
-    )
-    return ref, massv
+@pytest.fixture(scope="module")
+def mirror(tiny_qwen, tmp_path_factory):
+    return make_mirror_drafter(tiny_qwen.target, tiny_qwen.tokenizer, tmp_path_factory.mktemp("mirror") / "d")
+
+
+def _runs(tiny, mirror, suite, dtype: str, n_single: int) -> dict[str, Run]:
+    """The target alone ("ref"), with the mirror drafter and with the random drafter."""
+    runs = {"ref": _run(tiny.target, None, dtype, suite, n_single, mixed=False)}
+    for name, drafter in (("mirror", mirror), ("random", tiny.drafter)):
+        runs[name] = _run(tiny.target, massv_spec(str(drafter), GAMMA), dtype, suite, n_single, mixed=True)
+    for name, run in runs.items():
+        mals = {k: round(c.mean_accepted_length, 3) for k, c in run.by_kind.items()}
+        print(
+            f"\n[{dtype}] {name}: {run.seconds:.0f} s, MAL {run.counters.mean_accepted_length}, "
+            f"drafts {run.counters.num_drafts}, MAL by kind {mals}"
+        )
+    return runs
 
 
 @pytest.fixture(scope="module")
-def fp32(tiny_qwen, suite):
-    return _pair(tiny_qwen, suite, "float32", N)
+def fp32(tiny_qwen, mirror, suite):
+    return _runs(tiny_qwen, mirror, suite, "float32", N)
 
 
 @pytest.fixture(scope="module")
-def bf16(tiny_qwen, suite):
-    return _pair(tiny_qwen, suite, "bfloat16", N_BF16_SINGLE)
+def bf16(tiny_qwen, mirror, suite):
+    return _runs(tiny_qwen, mirror, suite, "bfloat16", N_BF16_SINGLE)
 
 
 def check(reference: list[Output], candidate: list[Output], tol: float, label: str) -> None:
@@ -135,30 +151,41 @@ def check(reference: list[Output], candidate: list[Output], tol: float, label: s
 
 
 def test_suite_exercises_chunked_prefill_and_drafting(fp32, suite):
-    ref, massv = fp32
     budget = ENGINE_KW["max_num_batched_tokens"] - ENGINE_KW["max_num_seqs"]
-    assert any(o.prompt_len > budget for o in ref.batched), "no prompt needed several prefill chunks"
+    assert any(o.prompt_len > budget for o in fp32["ref"].batched), "no prompt needed several prefill chunks"
     assert {r.num_images for r in suite} >= ({0, 1, 2, 3} if N >= 4 else {0})
-    assert massv.counters.num_drafts > 0
-    assert ref.counters.num_drafts == 0
+    assert fp32["mirror"].counters.num_drafts > 0 and fp32["random"].counters.num_drafts > 0
+    assert fp32["ref"].counters.num_drafts == 0
 
 
-def test_fp32_lossless_batch_1(fp32):
-    ref, massv = fp32
-    check(ref.single, massv.single, FP32_TIE, "fp32 batch 1")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_mirror_drafts_are_accepted(dtype, request):
+    """Lossless *with* accepted drafts: the accepted-prefix path ran, at scale."""
+    runs = request.getfixturevalue(dtype)
+    mals = {k: c.mean_accepted_length for k, c in runs["mirror"].by_kind.items()}
+    assert mals["text"] >= GAMMA + 0.5, mals
+    if "image" in mals:
+        assert mals["image"] > 2.0, mals
+    random = runs["random"].counters.mean_accepted_length
+    assert random < 2.0, f"the random drafter is the low-acceptance case (MAL {random})"
 
 
-def test_fp32_lossless_batched(fp32):
-    ref, massv = fp32
-    check(ref.batched, massv.batched, FP32_TIE, "fp32 batch 64")
+@pytest.mark.parametrize("drafter", ["mirror", "random"])
+def test_fp32_lossless_batch_1(fp32, drafter):
+    check(fp32["ref"].single, fp32[drafter].single, FP32_TIE, f"fp32 batch 1, {drafter}")
 
 
-def test_fp32_lossless_with_sampled_requests_in_the_batch(fp32):
-    ref, massv = fp32
-    check(ref.batched, massv.mixed, FP32_TIE, "fp32 batch 64 + sampled")
+@pytest.mark.parametrize("drafter", ["mirror", "random"])
+def test_fp32_lossless_batched(fp32, drafter):
+    check(fp32["ref"].batched, fp32[drafter].batched, FP32_TIE, f"fp32 batch 64, {drafter}")
 
 
-def test_bf16_divergences_only_at_near_ties(bf16):
-    ref, massv = bf16
-    check(ref.batched, massv.batched, BF16_TIE, "bf16 batch 64")
-    check(ref.single, massv.single, BF16_TIE, "bf16 batch 1")
+@pytest.mark.parametrize("drafter", ["mirror", "random"])
+def test_fp32_lossless_with_sampled_requests_in_the_batch(fp32, drafter):
+    check(fp32["ref"].batched, fp32[drafter].mixed, FP32_TIE, f"fp32 batch 64 + sampled, {drafter}")
+
+
+@pytest.mark.parametrize("drafter", ["mirror", "random"])
+def test_bf16_divergences_only_at_near_ties(bf16, drafter):
+    check(bf16["ref"].batched, bf16[drafter].batched, BF16_TIE, f"bf16 batch 64, {drafter}")
+    check(bf16["ref"].single, bf16[drafter].single, BF16_TIE, f"bf16 batch 1, {drafter}")

@@ -16,6 +16,8 @@ from massv_vllm.testing.serve_utils import Server, free_port, log_tail
 from massv_vllm.testing.tiny import build_tiny_set, synthetic_image
 from tests.gpu.conftest import ON_CPU
 
+pytestmark = pytest.mark.gpu
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -133,6 +133,15 @@ QWEN25_VL_7B_VISION = dict(
     temporal_patch_size=2,
 )
 QWEN_PIXELS = dict(min_pixels=3136, max_pixels=12845056)
+# Qwen2.5-VL-32B (public config): for tensor-parallel runs (--engine-arg tensor_parallel_size=2).
+QWEN25_VL_32B_TEXT = QWEN25_VL_7B_TEXT | dict(
+    hidden_size=5120,
+    intermediate_size=27648,
+    num_hidden_layers=64,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+)
+QWEN25_VL_32B_VISION = QWEN25_VL_7B_VISION | dict(intermediate_size=3456, out_hidden_size=5120)
 QWEN25_1_5B = dict(
     hidden_size=1536,
     intermediate_size=8960,
@@ -193,6 +202,9 @@ GEMMA3_1B = dict(
 PRESETS: dict[str, Preset] = {
     "qwen2.5-vl-7b/qwen2.5-1.5b": Preset(
         "qwen2_5_vl", QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION, {}, QWEN25_1_5B, QWEN_PIXELS
+    ),
+    "qwen2.5-vl-32b/qwen2.5-1.5b": Preset(
+        "qwen2_5_vl", QWEN25_VL_32B_TEXT, QWEN25_VL_32B_VISION, {}, QWEN25_1_5B, QWEN_PIXELS
     ),
     "qwen2.5-vl-7b/qwen2.5-0.5b": Preset(
         "qwen2_5_vl", QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION, {}, QWEN25_0_5B, QWEN_PIXELS

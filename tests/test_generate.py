@@ -198,7 +198,7 @@ class FakeLLM:
 
 
 def test_placeholder_tokens_are_cut_from_responses_and_bombs_skipped(tiny_qwen, tmp_path):
-    from tests.test_records import png_header_only
+    from massv_vllm.testing.synthetic import png_header_only
 
     data = write_llava_set(tmp_path / "data", 4, kind="instruction")
     rows = json.loads(data.read_text())

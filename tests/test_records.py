@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from massv_vllm.testing.synthetic import png_header_only
 from massv_vllm.training.data.records import (
     DataError,
     ReadStats,
@@ -47,23 +48,6 @@ def test_read_sources_chains_files_with_their_roots(tmp_path):
     assert stats.seen == 2 and stats.kept == 1 and dict(stats.skipped) == {"path outside image root": 1}
     with pytest.raises(DataError, match="does not exist"):
         list(read_sources([tmp_path / "missing.json"], lambda p: None, stats))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims ``width`` x ``height`` (as in test_serve.py): a decompression bomb."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
 
 
 # over twice PIL's limit (an error in PIL), and over once (only a warning in PIL)

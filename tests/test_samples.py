@@ -361,7 +361,7 @@ def test_image_placeholder_in_a_response_is_named_in_the_mismatch_error(tiny_qwe
 
 
 def test_decompression_bomb_image_is_a_counted_skip(tmp_path, qwen_enc):
-    from tests.test_records import png_header_only
+    from massv_vllm.testing.synthetic import png_header_only
 
     path = write_llava_set(tmp_path, 3)
     rows = json.loads(path.read_text())

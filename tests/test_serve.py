@@ -15,11 +15,8 @@ answers it with "400: <model> is not a multimodal model" (also seen by hand on C
 from __future__ import annotations
 
 import base64
-import io
 import json
-import struct
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -28,33 +25,14 @@ import torch
 from massv_vllm.engine import massv_spec
 from massv_vllm.metrics import SpecCounters
 from massv_vllm.testing.serve_utils import start_server
+from massv_vllm.testing.synthetic import png_bytes as png
+from massv_vllm.testing.synthetic import png_header_only
 from massv_vllm.testing.tiny import synthetic_image
 
 pytestmark = pytest.mark.engine
 
 MAX_IMAGES = 2
 MAX_MODEL_LEN = 1024
-
-
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims ``width`` x ``height`` (PIL cannot create 0-sized or bomb images)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

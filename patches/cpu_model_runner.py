@@ -10,6 +10,13 @@ is divided by garbage, so speculative decoding on CPU changed greedy outputs (se
 benchmarks/load.py: 17 of 19 greedy answers differed once 10% of the requests were sampled) and
 sampled with wrong temperatures. The patch installs a dtype-preserving torch implementation
 after the stock swap. GPU runs (Triton) never use this code.
+
+Second, seeded requests (``SamplingParams(seed=...)``) whose prompt is prefilled in several chunks
+killed the CPU engine ("CPU Generator does not use offset"): after a partial-prefill step,
+``_bookkeeping_sync`` rewinds the request's generator with ``set_offset``, which only CUDA (Philox)
+generators have. On CPU the patch skips that rewind (the generators of discarded rows are set
+aside for the call): such a request then draws a little further into its seeded stream, so its
+samples are still correct draws, only not identical to an unchunked run with the same seed.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ def expand_kernel_impl(
 
 
 VLLM_MODULE = "vllm.v1.worker.cpu_model_runner"  # applied when this vLLM module is imported
-SWITCHES = ("MASSV_PATCH_CPU_REJECTION_SAMPLER",)
+SWITCHES = ("MASSV_PATCH_CPU_REJECTION_SAMPLER", "MASSV_PATCH_CPU_SEEDED_CHUNKS")
 
 
 def apply() -> None:
@@ -51,7 +58,10 @@ def apply() -> None:
     def make(original):
         def _postprocess_triton(self):
             original(self)
-            if not (is_massv_engine(self.vllm_config) or switch(SWITCHES[0]).always()):
+            if not (
+                switch(SWITCHES[0]).enabled()
+                and (is_massv_engine(self.vllm_config) or switch(SWITCHES[0]).always())
+            ):
                 return
             import vllm.v1.sample.rejection_sampler as rejection_sampler
 
@@ -62,3 +72,32 @@ def apply() -> None:
         return _postprocess_triton
 
     replace_method(CPUModelRunner, "_postprocess_triton", make, expect=("self",))
+
+    def make_bookkeeping(original):
+        def _bookkeeping_sync(self, *args, **kwargs):
+            sw = switch(SWITCHES[1])
+            if not (sw.enabled() and (is_massv_engine(self.vllm_config) or sw.always())):
+                return original(self, *args, **kwargs)
+            gens = self.input_batch.generators
+            discarded = self.discard_request_mask.np[: self.input_batch.num_reqs].nonzero()[0]
+            aside = {int(i): gens.pop(int(i)) for i in discarded if int(i) in gens}
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                gens.update(aside)
+
+        return _bookkeeping_sync
+
+    replace_method(
+        CPUModelRunner,
+        "_bookkeeping_sync",
+        make_bookkeeping,
+        expect=(
+            "self",
+            "scheduler_output",
+            "sampler_output",
+            "logits",
+            "hidden_states",
+            "num_scheduled_tokens",
+        ),
+    )

@@ -14,6 +14,7 @@ the scope of the bad-request and CPU-sampler fixes to every engine of the enviro
 | ``MASSV_FAST_DRAFT_FIRST_PASS`` | also the first draft pass of decode steps (default ``0``) | MASSV |
 | ``MASSV_PATCH_COMPILE_CACHE_KEY`` | the drafter is part of the torch.compile cache key | MASSV |
 | ``MASSV_PATCH_CPU_REJECTION_SAMPLER`` | CPU rejection sampler keeps dtypes | MASSV (``always``: all) |
+| ``MASSV_PATCH_CPU_SEEDED_CHUNKS`` | seeded requests survive chunked prefill on CPU | MASSV (``always``: all) |
 | ``MASSV_PATCH_IMAGE_ERRORS`` | oversized / empty images are a 400 | MASSV (``always``: all) |
 | ``MASSV_PATCH_FILE_URL_ERRORS`` | refused ``file://`` URLs are a 400 | MASSV (``always``: all) |
 | ``MASSV_PATCH_PROCESSOR_ERRORS`` | processor errors name their cause | MASSV (``always``: all) |
@@ -76,6 +77,7 @@ SWITCHES: dict[str, Switch] = {
         ),
         Switch("MASSV_PATCH_COMPILE_CACHE_KEY", "MASSV drafters get their own torch.compile cache"),
         Switch("MASSV_PATCH_CPU_REJECTION_SAMPLER", "dtype-preserving expand kernel on CPU", True),
+        Switch("MASSV_PATCH_CPU_SEEDED_CHUNKS", "seeded requests with chunked prefill on CPU", True),
         Switch("MASSV_PATCH_IMAGE_ERRORS", "oversized or empty images answered with 400", True),
         Switch("MASSV_PATCH_FILE_URL_ERRORS", "refused file:// URLs answered with 400", True),
         Switch("MASSV_PATCH_PROCESSOR_ERRORS", "processor errors name their cause", True),

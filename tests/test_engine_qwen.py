@@ -125,3 +125,16 @@ def test_draft_positions_are_absolute_after_images(llm):
     out, rec = run_probed(llm, messages, max_tokens=6)
     assert len(out.prompt_token_ids) > ENGINE_KW["max_num_batched_tokens"]
     assert assert_positions_are_absolute(rec, GAMMA) >= 3
+
+
+def test_seeded_sampling_survives_chunked_prefill(mirror_llm):
+    """vLLM's CPU runner died on a seeded request prefilled in several chunks ("CPU Generator does
+    not use offset"; patches/cpu_model_runner.py). Runs last: before the fix it killed the engine."""
+    from vllm import SamplingParams
+
+    long = next(r for r in prompt_suite(SUITE_SIZE, max_images=2, long_words=150) if r.long)
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    outs = mirror_llm.chat([long.messages] * 2, [params, params], use_tqdm=False)
+    assert len(outs[0].prompt_token_ids) > ENGINE_KW["max_num_batched_tokens"]  # chunked
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids  # same seed, same draws

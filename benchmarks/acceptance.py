@@ -59,15 +59,28 @@ RESULTS_VERSION = 1
 # ---- modes ---------------------------------------------------------------------------------------
 
 
+PARALLEL = "parallel:"  # NAME=parallel:FOLDER serves the drafter with "parallel_drafting": true
+
+
+def drafter_folder(path: str) -> tuple[str, bool]:
+    """(folder, parallel drafting?) of a ``FOLDER`` or ``parallel:FOLDER`` drafter argument."""
+    return (path[len(PARALLEL) :], True) if path.startswith(PARALLEL) else (path, False)
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
     drafter: str | None  # None: no speculation
-    kind: str  # "none" | "text-only" | "massv"
+    kind: str  # "none" | "text-only" | "massv" | "massv-parallel"
+
+    @property
+    def spec_extra(self) -> dict[str, Any]:
+        return {"parallel_drafting": True} if self.kind == "massv-parallel" else {}
 
 
 def parse_modes(specs: list[str]) -> list[Mode]:
-    """``["none", "text=PATH", "massv=PATH", ...]`` -> modes; the drafter kind is read from the folder."""
+    """``["none", "text=PATH", "massv=PATH", "par=parallel:PATH", ...]`` -> modes; the drafter kind
+    is read from the folder (``parallel:``: the drafter drafts all γ tokens in one forward)."""
     from massv_vllm.serving.config import MassvConfigError, load_massv_config
 
     modes: list[Mode] = []
@@ -76,6 +89,7 @@ def parse_modes(specs: list[str]) -> list[Mode]:
             modes.append(Mode(NONE, None, NONE))
             continue
         name, sep, path = spec.partition("=")
+        path, parallel = drafter_folder(path)
         if not sep or not name or not path:
             raise ValueError(
                 f"mode {spec!r}: expected 'none' or NAME=DRAFTER_FOLDER (e.g. massv=drafters/massv, "
@@ -87,7 +101,8 @@ def parse_modes(specs: list[str]) -> list[Mode]:
             massv = load_massv_config(path)
         except MassvConfigError as e:
             raise ValueError(f"mode {name!r}: {e}") from e
-        modes.append(Mode(name, str(Path(path)), "text-only" if massv.text_only else "massv"))
+        kind = "text-only" if massv.text_only else "massv-parallel" if parallel else "massv"
+        modes.append(Mode(name, str(Path(path)), kind))
     names = [m.name for m in modes]
     dup = sorted(n for n, c in Counter(names).items() if c > 1)
     if dup:
@@ -149,7 +164,7 @@ def run_mode(
     from massv_vllm.engine import make_llm, massv_spec, shutdown
     from massv_vllm.training.data.records import openai_messages
 
-    spec = None if mode.drafter is None else massv_spec(mode.drafter, gamma)
+    spec = None if mode.drafter is None else massv_spec(mode.drafter, gamma, **mode.spec_extra)
     kw = {"max_num_seqs": max(batch_size, 1)} | dict(engine_kw or {})
     t0 = time.perf_counter()
     llm = make_llm(target, spec, **kw)
@@ -270,7 +285,9 @@ def speedups(modes: list[Mode], rows: list[dict[str, Any]]) -> list[dict[str, An
     """
     index = {(r["mode"], r["temperature"], r["task"]): r for r in rows}
     pairs = [(m.name, NONE) for m in modes if m.kind != NONE and any(b.kind == NONE for b in modes)]
-    pairs += [(m.name, t.name) for m in modes if m.kind == "massv" for t in modes if t.kind == "text-only"]
+    pairs += [
+        (m.name, t.name) for m in modes if m.kind.startswith("massv") for t in modes if t.kind == "text-only"
+    ]
     out = []
     for mode, base in pairs:
         for (name, temp, task), row in index.items():

@@ -302,6 +302,8 @@ def run_tvd(
         raise ValueError("--responses-file only goes with --responses token_ids")
     if not drafters:
         raise ValueError("no drafters given")
+    # TVD scores next-token distributions, which a parallel-drafting drafter has too.
+    drafters = {n: str(p).removeprefix("parallel:") for n, p in drafters.items()}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     if dtype not in DTYPES:
@@ -416,8 +418,9 @@ def parse_named_paths(items: list[str], what: str = "drafter") -> dict[str, str]
             raise ValueError(f"{what} {it!r}: expected NAME=FOLDER")
         if name in out:
             raise ValueError(f"{what} name {name!r} given twice")
-        if not Path(path).is_dir():
-            raise ValueError(f"{what} {name!r}: {path} is not a folder")
+        folder = path.removeprefix("parallel:")  # the acceptance benchmark's parallel-drafting mark
+        if not Path(folder).is_dir():
+            raise ValueError(f"{what} {name!r}: {folder} is not a folder")
         out[name] = path
     return out
 

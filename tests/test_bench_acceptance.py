@@ -206,3 +206,20 @@ def test_rerun_reuses_finished_modes(acc_run, monkeypatch):
     # other settings -> the mode is not reused
     with pytest.raises(AssertionError, match="run again"):
         run_acceptance(target, ev, modes, out, **(kwargs | {"max_tokens": MAX_TOKENS + 1}))
+
+
+def test_parallel_drafting_modes(tiny_qwen):
+    """``NAME=parallel:FOLDER`` serves that drafter with "parallel_drafting": true (TVD reads the folder)."""
+    from benchmarks.acceptance import parse_modes
+    from benchmarks.tvd import parse_named_paths
+
+    modes = {
+        m.name: m
+        for m in parse_modes(["none", f"seq={tiny_qwen.drafter}", f"par=parallel:{tiny_qwen.drafter}"])
+    }
+    assert (modes["seq"].kind, modes["seq"].spec_extra) == ("massv", {})
+    assert (modes["par"].kind, modes["par"].spec_extra) == ("massv-parallel", {"parallel_drafting": True})
+    assert modes["par"].drafter == str(tiny_qwen.drafter)
+    assert parse_named_paths([f"par=parallel:{tiny_qwen.drafter}"]) == {
+        "par": f"parallel:{tiny_qwen.drafter}"
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -167,3 +168,48 @@ def test_written_splits_are_llava_files_deterministic_in_the_seed(tmp_path):
     assert {r.task for r in caps} == {"captioning"} and all(r.response for r in caps)
     texts = [json.loads(line) for line in (tmp_path / "a" / "lm_texts.jsonl").read_text().splitlines()]
     assert len(texts) == 10 and all(t["prompt"] and t["answer"] for t in texts)
+
+
+def test_a_reduced_world_keeps_to_its_spec():
+    from benchmarks.world.sizes import DEMO
+
+    spec = DEMO.spec
+    rng = random.Random(0)
+    scenes = [gw.sample_scene(rng, spec) for _ in range(400)]
+    corners = set(gw.positions_of(2))
+    assert corners == {"top left", "top right", "bottom left", "bottom right"}
+    for s in scenes:
+        assert (s.width, s.height, s.grid) == (spec.min_side, spec.max_side, 2)
+        assert 1 <= len(s.objects) <= spec.max_objects
+        assert {o.position for o in s.objects} <= corners and len({o.position for o in s.objects}) == len(
+            s.objects
+        )
+        assert {o.colour for o in s.objects} <= set(spec.colours)
+        assert len({o.shape for o in s.objects}) == len(s.objects)  # unique shapes: "the square" names one
+        assert gw.Scene.from_dict(s.to_dict()) == s
+    for i, scene in enumerate(scenes[:40]):  # each object inside its quarter, drawn in its colour
+        img = gw.render(scene, seed=i)
+        rng2 = random.Random(i)
+        for o in scene.objects:
+            x0, y0, x1, y1 = gw.object_box(scene, o, (rng2.uniform(-1, 1), rng2.uniform(-1, 1)))
+            col, row = (0 if "left" in o.position else 1), (0 if "top" in o.position else 1)
+            assert col * 28 <= x0 < x1 <= (col + 1) * 28 and row * 28 <= y0 < y1 <= (row + 1) * 28
+            assert img.getpixel(((x0 + x1) // 2, (y0 + y1) // 2 + 1)) == gw.RGB[o.colour]
+    with pytest.raises(ValueError, match="unknown colour 'pink'.*max_objects 5"):
+        gw.check_spec(dataclasses.replace(spec, colours=("red", "pink"), max_objects=5))
+
+
+def test_reduced_world_files_ask_only_its_tasks(tmp_path):
+    from benchmarks.world.sizes import DEMO
+
+    spec = DEMO.spec
+    counts = WorldCounts(target_train=5, captions=3, instructions=4, eval_per_task=3, val=4, lm_texts=20)
+    meta = gw.generate_world(tmp_path, counts, seed=1, workers=1, spec=spec)
+    assert meta["records"]["target_train"] == 5 * len(spec.train_tasks)
+    assert meta["spec"]["colours"] == list(spec.colours) and meta["spec"]["image_side"] == [56, 56]
+    ev = gw.load_split(tmp_path, "eval")
+    assert [r["task"] for r in ev] == list(spec.tasks) * 3
+    for r in ev + gw.load_split(tmp_path, "target_train"):
+        assert r["grid"] == 2 and gw.score_answer(r["task"], r["conversations"][1]["value"], r)
+    texts = [json.loads(x) for x in (tmp_path / "lm_texts.jsonl").read_text().splitlines()]
+    assert {t["task"] for t in texts} <= set(spec.tasks)

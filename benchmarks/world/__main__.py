@@ -1,7 +1,9 @@
-"""``python -m benchmarks.world run --out DIR [--small] [--until STAGE | --stages A,B] [--force A,B]``
+"""``python -m benchmarks.world run --out DIR [--preset P] [--until STAGE | --stages A,B] [--force A,B]``
 
-Runs the synthetic-world pipeline (see benchmarks/world/README.md): full size on a GPU, ``--small``
-on CPU; without a GPU it says so and runs ``--small``. ``summary --out DIR`` reprints a run's summary.
+Runs the synthetic-world pipeline (see benchmarks/world/README.md): full size on a GPU; without a
+GPU it says so and runs the CPU demo (a reduced world, a few minutes on 2 cores). ``--preset``
+picks one (``full``, ``demo``, ``small``: tiny smoke-test sizes). ``summary --out DIR`` reprints
+a run's summary.
 """
 
 from __future__ import annotations
@@ -23,12 +25,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from benchmarks.world.pipeline import STAGES, StageError, format_summary, run_pipeline
+    from benchmarks.world.sizes import PRESETS
 
     p = cli.parser(__doc__, prog="python -m benchmarks.world")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run (or resume) the pipeline")
     r.add_argument("--out", required=True, help="run folder (stages done there are skipped)")
-    r.add_argument("--small", action="store_true", help="tiny sizes for CPU/CI (numbers meaningless)")
+    pr = r.add_mutually_exclusive_group()
+    pr.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="sizes to run (default: full on a GPU, demo without one)",
+    )
+    pr.add_argument(
+        "--small",
+        dest="preset",
+        action="store_const",
+        const="small",
+        help="same as --preset small (tiny smoke-test sizes; the numbers mean nothing)",
+    )
     g = r.add_mutually_exclusive_group()
     g.add_argument("--until", choices=STAGES, help="stop after this stage")
     g.add_argument("--stages", type=_list, help=f"only these stages, comma-separated ({','.join(STAGES)})")
@@ -45,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(json.loads(path.read_text())))
         return 0
     try:
-        run_pipeline(a.out, small=a.small, until=a.until, stages=a.stages, force=a.force, seed=a.seed)
+        run_pipeline(a.out, preset=a.preset, until=a.until, stages=a.stages, force=a.force, seed=a.seed)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cli
-from benchmarks.world.sizes import PRESETS, WorldCounts
+from benchmarks.world.sizes import PRESETS, WorldCounts, WorldSpec
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -58,6 +58,45 @@ TASKS = ("captioning", "counting", "attribute", "location", "free-form")
 STYLES = ("generic", "target")
 MIN_SIDE, MAX_SIDE = 112, 448
 MAX_OBJECTS = 4
+# The full world (the default everywhere); a reduced one (the CPU demo) is a WorldSpec with fewer
+# shapes, colours, cells, tasks and smaller images.
+FULL_SPEC = WorldSpec()
+# Grid cell (column, row) of each position: a 3x3 grid uses all nine names, a 2x2 grid the corners.
+_CELLS = {
+    3: {p: (i % 3, i // 3) for i, p in enumerate(POSITIONS)},
+    2: {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)},
+}
+
+
+def positions_of(grid: int) -> tuple[str, ...]:
+    """The positions of a ``grid`` x ``grid`` world, in reading order."""
+    if grid not in _CELLS:
+        raise ValueError(f"grid must be one of {sorted(_CELLS)}, got {grid}")
+    return tuple(_CELLS[grid])
+
+
+def check_spec(spec: WorldSpec) -> WorldSpec:
+    """``spec`` if it only uses the world's words and its scenes can be drawn; else ValueError."""
+    problems = [f"unknown shape {x!r}" for x in spec.shapes if x not in SHAPES]
+    problems += [f"unknown colour {x!r}" for x in spec.colours if x not in COLOURS]
+    problems += [f"unknown task {x!r}" for x in (*spec.tasks, *spec.train_tasks) if x not in TASKS]
+    problems += [f"train task {x!r} is not in tasks" for x in spec.train_tasks if x not in spec.tasks]
+    if "attribute" not in spec.tasks:
+        problems.append("tasks must include 'attribute' (the target's validation task)")
+    if spec.grid not in _CELLS:
+        problems.append(f"grid must be one of {sorted(_CELLS)}")
+    else:
+        kinds = len(spec.shapes) * (1 if spec.unique_shapes else len(spec.colours))
+        if not 1 <= spec.max_objects <= min(spec.grid**2, kinds):
+            problems.append(f"max_objects {spec.max_objects} does not fit the cells and object kinds")
+    if not 56 <= spec.min_side <= spec.max_side:
+        problems.append(
+            f"image sides must satisfy 56 <= min_side <= max_side, got {spec.min_side}, {spec.max_side}"
+        )
+    if problems:
+        raise ValueError("bad world spec: " + "; ".join(problems))
+    return spec
+
 
 # Saturated, well separated RGB values: colour must be readable from a 14-px patch.
 RGB = {
@@ -107,13 +146,17 @@ class Scene:
     width: int
     height: int
     objects: tuple[Obj, ...]
+    grid: int = 3
 
     def to_dict(self) -> dict[str, Any]:
-        return {"width": self.width, "height": self.height, "objects": [asdict(o) for o in self.objects]}
+        d = {"width": self.width, "height": self.height, "objects": [asdict(o) for o in self.objects]}
+        return d if self.grid == 3 else d | {"grid": self.grid}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scene:
-        return cls(int(d["width"]), int(d["height"]), tuple(Obj(**o) for o in d["objects"]))
+        return cls(
+            int(d["width"]), int(d["height"]), tuple(Obj(**o) for o in d["objects"]), int(d.get("grid", 3))
+        )
 
     def by_position(self, position: str) -> Obj | None:
         return next((o for o in self.objects if o.position == position), None)
@@ -122,15 +165,24 @@ class Scene:
         return sorted(self.objects, key=lambda o: POSITIONS.index(o.position))
 
 
-def sample_scene(rng: random.Random) -> Scene:
-    """1-4 objects in distinct cells; (colour, shape) pairs are unique so "the red circle" names one."""
-    n = rng.randint(1, MAX_OBJECTS)
-    cells = rng.sample(POSITIONS, n)
-    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
+def sample_scene(rng: random.Random, spec: WorldSpec = FULL_SPEC) -> Scene:
+    """1-``max_objects`` objects in distinct cells; (colour, shape) pairs are unique so "the red
+    circle" names one."""
+    n = rng.randint(1, spec.max_objects)
+    cells = rng.sample(positions_of(spec.grid), n)
+    if spec.unique_shapes:
+        kinds = [(rng.choice(spec.colours), s) for s in rng.sample(spec.shapes, n)]
+    else:
+        kinds = rng.sample([(c, s) for c in spec.colours for s in spec.shapes], n)
     objs = tuple(
         Obj(shape=s, colour=c, size=rng.choice(SIZES), position=p) for p, (c, s) in zip(cells, kinds)
     )
-    return Scene(width=rng.randint(MIN_SIDE, MAX_SIDE), height=rng.randint(MIN_SIDE, MAX_SIDE), objects=objs)
+    return Scene(
+        width=rng.randint(spec.min_side, spec.max_side),
+        height=rng.randint(spec.min_side, spec.max_side),
+        objects=objs,
+        grid=spec.grid,
+    )
 
 
 def object_box(scene: Scene, obj: Obj, jitter: tuple[float, float] = (0.0, 0.0)) -> tuple[int, int, int, int]:
@@ -138,8 +190,8 @@ def object_box(scene: Scene, obj: Obj, jitter: tuple[float, float] = (0.0, 0.0))
 
     ``jitter`` in [-1, 1]^2 moves the object within the free room of its cell.
     """
-    col, row = POSITIONS.index(obj.position) % 3, POSITIONS.index(obj.position) // 3
-    cw, ch = scene.width / 3, scene.height / 3
+    col, row = _CELLS[scene.grid][obj.position]
+    cw, ch = scene.width / scene.grid, scene.height / scene.grid
     side = max(4, int(SIZE_FRACTION[obj.size] * min(cw, ch)))
     # Keep clear of the cell edge and of the frame (objects never touch each other or the frame).
     room_x, room_y = (cw - side) / 2 - FRAME_PX - 1, (ch - side) / 2 - FRAME_PX - 1
@@ -345,12 +397,15 @@ def _free_form(scene: Scene, rng: random.Random, style: str) -> str:
     return f"This picture has {_join([_obj_phrase(o, rng, style) for o in objs])}. It looks calm and simple."
 
 
-def make_question(scene: Scene, task: str, rng: random.Random) -> tuple[str, dict[str, Any]]:
-    """A prompt for ``task`` about ``scene`` and what it asks (``question``, with ``expected``)."""
+def make_question(
+    scene: Scene, task: str, rng: random.Random, shapes: Sequence[str] = SHAPES
+) -> tuple[str, dict[str, Any]]:
+    """A prompt for ``task`` about ``scene`` and what it asks (``question``, with ``expected``);
+    counting questions ask about one of ``shapes`` (the world's), present or not."""
     tmpl = rng.choice(PROMPTS[task])
     if task == "counting":
         present = sorted({o.shape for o in scene.objects})
-        shape = rng.choice(present) if rng.random() < 0.75 else rng.choice(SHAPES)
+        shape = rng.choice(present) if rng.random() < 0.75 else rng.choice(shapes)
         n = sum(o.shape == shape for o in scene.objects)
         return tmpl.format(p=_plural(shape)), {"shape": shape, "expected": n}
     if task == "attribute":
@@ -460,45 +515,51 @@ def score_answer(task: str, answer: str, sample: dict[str, Any]) -> bool:
 # ---- data files ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SplitSpec:
-    """One data file: ``n_images`` scenes, each asked the tasks in ``tasks_per_image`` (cycled
-    through ``TASKS`` when None: image i gets task i mod 5), answered in ``style`` (None: no answer)."""
+    """One data file: ``n_images`` scenes of ``world``, each asked the tasks in ``tasks_per_image``
+    (cycled through the world's tasks when None: image i gets task i mod len(tasks)), answered in
+    ``style`` (None: no answer)."""
 
     name: str
     n_images: int
     style: str | None
     tasks_per_image: tuple[str, ...] | None = None
     only_task: str | None = None
+    world: WorldSpec = FULL_SPEC
 
 
 def split_specs(
-    n_target_train: int, n_captions: int, n_instructions: int, n_eval_per_task: int, n_val: int
+    n_target_train: int,
+    n_captions: int,
+    n_instructions: int,
+    n_eval_per_task: int,
+    n_val: int,
+    world: WorldSpec = FULL_SPEC,
 ) -> list[SplitSpec]:
+    w = check_spec(world)
     return [
-        # The target learns every task, attribute questions twice per image (the headline skill).
-        SplitSpec(
-            "target_train",
-            n_target_train,
-            "target",
-            ("captioning", "counting", "attribute", "attribute", "location", "free-form"),
-        ),
-        SplitSpec("captions", n_captions, "generic", only_task="captioning"),  # phase 1 (LLaVA-Pretrain role)
-        SplitSpec("instructions", n_instructions, None),  # prompts for self-distilled generation
-        SplitSpec("eval", n_eval_per_task * len(TASKS), "target"),  # held out: ablation + target accuracy
-        SplitSpec("val", n_val, "target", only_task="attribute"),  # early stopping of target training
+        # The target learns every task of the world (full world: attribute questions twice per image).
+        SplitSpec("target_train", n_target_train, "target", w.train_tasks, world=w),
+        # phase 1 (LLaVA-Pretrain role)
+        SplitSpec("captions", n_captions, "generic", only_task="captioning", world=w),
+        SplitSpec("instructions", n_instructions, None, world=w),  # prompts for self-distilled generation
+        # held out: ablation + target accuracy
+        SplitSpec("eval", n_eval_per_task * len(w.tasks), "target", world=w),
+        SplitSpec("val", n_val, "target", only_task="attribute", world=w),  # early stopping of the target
     ]
 
 
 def _sample_records(seed: int, spec: SplitSpec, i: int) -> tuple[Scene, list[dict[str, Any]]]:
     rng = random.Random(f"{seed}:{spec.name}:{i}")
-    scene = sample_scene(rng)
+    w = spec.world
+    scene = sample_scene(rng, w)
     if spec.tasks_per_image is not None:
         tasks: Sequence[str] = spec.tasks_per_image
     else:
-        tasks = [spec.only_task or TASKS[i % len(TASKS)]]
+        tasks = [spec.only_task or w.tasks[i % len(w.tasks)]]
     image = f"images/{spec.name}/{i:06d}.png"
     out = []
     for j, task in enumerate(tasks):
-        prompt, question = make_question(scene, task, rng)
+        prompt, question = make_question(scene, task, rng, w.shapes)
         conv = [{"from": "human", "value": "<image>\n" + prompt}]
         if spec.style is not None:
             conv.append({"from": "gpt", "value": make_answer(scene, task, question, rng, spec.style)})
@@ -551,41 +612,45 @@ def write_split(out_dir: str | Path, spec: SplitSpec, seed: int = 0, workers: in
     return path
 
 
-def lm_texts(n: int, seed: int = 0) -> list[dict[str, str]]:
+def lm_texts(n: int, seed: int = 0, spec: WorldSpec = FULL_SPEC) -> list[dict[str, str]]:
     """Prompt/answer pairs in the generic style, without images: the small LM's corpus."""
     out = []
     for i in range(n):
         rng = random.Random(f"{seed}:lm:{i}")
-        scene = sample_scene(rng)
-        task = rng.choice(TASKS)
-        prompt, q = make_question(scene, task, rng)
+        scene = sample_scene(rng, spec)
+        task = rng.choice(spec.tasks)
+        prompt, q = make_question(scene, task, rng, spec.shapes)
         out.append({"task": task, "prompt": prompt, "answer": make_answer(scene, task, q, rng, "generic")})
     return out
 
 
-def tokenizer_corpus(n: int, seed: int = 0) -> list[str]:
+def tokenizer_corpus(n: int, seed: int = 0, spec: WorldSpec = FULL_SPEC) -> list[str]:
     """Texts of both styles (every template and synonym appears) for training the world tokenizer."""
     # The chat template's fixed words (system prompt, role names) tokenize as whole words too.
     texts = ["system\nYou are a helpful assistant.\nuser\nassistant\n"] * 8
     for i in range(n):
         rng = random.Random(f"{seed}:tok:{i}")
-        scene = sample_scene(rng)
-        for task in TASKS:
-            prompt, q = make_question(scene, task, rng)
+        scene = sample_scene(rng, spec)
+        for task in spec.tasks:
+            prompt, q = make_question(scene, task, rng, spec.shapes)
             texts += [prompt, make_answer(scene, task, q, rng, STYLES[i % 2])]
     return texts
 
 
 def generate_world(
-    out_dir: str | Path, counts: WorldCounts, seed: int = 0, workers: int | None = None
+    out_dir: str | Path,
+    counts: WorldCounts,
+    seed: int = 0,
+    workers: int | None = None,
+    spec: WorldSpec = FULL_SPEC,
 ) -> dict:
     """Write every split, the small-LM corpus and ``meta.json`` under ``out_dir``; returns the meta."""
     out = Path(out_dir)
     specs = split_specs(
-        counts.target_train, counts.captions, counts.instructions, counts.eval_per_task, counts.val
+        counts.target_train, counts.captions, counts.instructions, counts.eval_per_task, counts.val, spec
     )
     files = {s.name: str(write_split(out, s, seed, workers).name) for s in specs}
-    texts = lm_texts(counts.lm_texts, seed)
+    texts = lm_texts(counts.lm_texts, seed, spec)
     (out / "lm_texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
     files["lm_texts"] = "lm_texts.jsonl"
     meta = {
@@ -594,17 +659,28 @@ def generate_world(
         "files": files,
         "records": {s.name: len(json.loads((out / f"{s.name}.json").read_text())) for s in specs},
         "spec": {
-            "shapes": SHAPES,
-            "colours": COLOURS,
-            "sizes": SIZES,
-            "positions": POSITIONS,
-            "tasks": TASKS,
-            "image_side": [MIN_SIDE, MAX_SIDE],
-            "max_objects": MAX_OBJECTS,
+            "shapes": list(spec.shapes),
+            "colours": list(spec.colours),
+            "sizes": list(SIZES),
+            "positions": list(positions_of(spec.grid)),
+            "tasks": list(spec.tasks),
+            "image_side": [spec.min_side, spec.max_side],
+            "max_objects": spec.max_objects,
         },
+        "world_spec": asdict(spec),  # the WorldSpec itself (load_spec)
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def load_spec(world_dir: str | Path) -> WorldSpec:
+    """The WorldSpec a world folder was generated with (the full world if its meta.json predates
+    reduced worlds)."""
+    meta = json.loads((Path(world_dir) / "meta.json").read_text())
+    d = meta.get("world_spec")
+    if d is None:
+        return FULL_SPEC
+    return WorldSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def load_split(world_dir: str | Path, name: str) -> list[dict[str, Any]]:
@@ -618,7 +694,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
     a = p.parse_args(argv)
-    meta = generate_world(a.out, PRESETS[a.preset].world, a.seed, a.workers)
+    preset = PRESETS[a.preset]
+    meta = generate_world(a.out, preset.world, a.seed, a.workers, preset.spec)
     print(json.dumps(meta["records"]))
 
 

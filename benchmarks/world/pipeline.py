@@ -1,6 +1,7 @@
 """The staged synthetic-world pipeline: world -> target -> small LM -> drafters -> MASSV -> ablation.
 
-    python -m benchmarks.world run --out runs/world                    # everything (GPU: full size)
+    python -m benchmarks.world run --out runs/world                    # everything (GPU: full size,
+                                                                       # no GPU: the CPU demo)
     python -m benchmarks.world run --out runs/world --until drafters   # or in two commands: 1st
     python -m benchmarks.world run --out runs/world                    # 2nd: the rest
 
@@ -13,6 +14,7 @@ The stages own the folders below ``DIR``:
     small_lm/            the text-only small LM                      drafters/  massv-init, text-only
     phase1/drafter       MASSV without SDViT                         generate/  the target's responses
     sdvit/drafter        MASSV (phase 1 + SDViT)                     ablation/, tvd/, logs/
+    parallel/sdvit/drafter  MASSV trained for parallel drafting too (parallel/phase1: its phase 1)
 
 World, target, small LM and drafter building run in this process; drafter training, generation and
 the ablation run the project's scripts (``train/pretrain_projector.py``, ``train/generate.py``,
@@ -36,7 +38,9 @@ from benchmarks.report import fmt, format_table
 from benchmarks.world.sizes import PRESETS, WorldSizes
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("world", "target", "small_lm", "drafters", "phase1", "generate", "sdvit", "ablation", "tvd")
+STAGES = (
+    "world", "target", "small_lm", "drafters", "phase1", "generate", "sdvit", "parallel", "ablation", "tvd",
+)  # fmt: skip
 DEPENDS: dict[str, tuple[str, ...]] = {
     "world": (),
     "target": ("world",),
@@ -45,15 +49,20 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "phase1": ("drafters",),
     "generate": ("target",),
     "sdvit": ("phase1", "generate"),
-    "ablation": ("drafters", "phase1", "sdvit"),
-    "tvd": ("drafters", "phase1", "sdvit"),
+    "parallel": ("drafters", "generate"),
+    "ablation": ("drafters", "phase1", "sdvit", "parallel"),
+    "tvd": ("drafters", "phase1", "sdvit", "parallel"),
 }
 # The ablation's drafters, by the names the table uses, and the folders the stages write them to.
 DRAFTER_DIRS = {
     "text-only": "drafters/text-only",
     "massv-no-sdvit": "phase1/drafter",
     "massv": "sdvit/drafter",
+    "massv-parallel": "parallel/sdvit/drafter",
 }
+# Served with "parallel_drafting": true (the benchmarks' ``NAME=parallel:FOLDER`` form): phase 1 and
+# SDViT as above, each also trained to draft all γ tokens in one forward (``--parallel-draft-tokens``).
+PARALLEL_DRAFTERS = ("massv-parallel",)
 # Folders each stage writes; --force clears them (and those of every stage downstream).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "world": ("world", "tokenizer"),
@@ -63,6 +72,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "phase1": ("phase1",),
     "generate": ("generate",),
     "sdvit": ("sdvit",),
+    "parallel": ("parallel",),
     "ablation": ("ablation",),
     "tvd": ("tvd",),
 }
@@ -107,13 +117,22 @@ class Run:
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _env() -> dict[str, str]:
+# vLLM on CPU, for the tiny models here: the engine and its worker in the stage's own process (no
+# two extra processes to spawn and import vLLM into, ~20-40 s per engine on 2 cores), and no
+# torch.compile of the CPU sampler at each start (~15 s; eager is as fast for these batch sizes).
+VLLM_CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1"}
+
+
+def _env(vllm_cpu: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if vllm_cpu:
+        for k, v in VLLM_CPU_ENV.items():
+            env.setdefault(k, v)
     return env
 
 
@@ -124,11 +143,14 @@ def require_script(stage: str, rel: str) -> Path:
     return path
 
 
-def run_cmd(stage: str, args: Sequence[Any], log_path: Path, threads: int | None = None) -> None:
+def run_cmd(
+    stage: str, args: Sequence[Any], log_path: Path, threads: int | None = None, vllm_cpu: bool = False
+) -> None:
     """Run ``args`` (a Python script or module of this repo) with its output teed to ``log_path``;
-    ``threads`` sets OMP_NUM_THREADS (CPU training; vLLM manages its own threads)."""
+    ``threads`` sets OMP_NUM_THREADS (CPU training; vLLM manages its own threads); ``vllm_cpu``
+    runs vLLM engines in-process and without torch.compile (``VLLM_CPU_ENV``)."""
     cmd = [sys.executable, *map(str, args)]
-    env = _env()
+    env = _env(vllm_cpu)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     log(f"{stage}: {' '.join(cmd)}")
@@ -165,10 +187,11 @@ def stage_world(run: Run) -> dict[str, Any]:
     from benchmarks.world.generate_world import generate_world, tokenizer_corpus
     from massv_vllm.testing.tiny import train_tokenizer
 
-    meta = generate_world(run.world, run.sizes.world, seed=run.seed)
+    spec = run.sizes.spec
+    meta = generate_world(run.world, run.sizes.world, seed=run.seed, spec=spec)
     n_corpus = 2000 if run.sizes.name == "full" else 300
     train_tokenizer(
-        run.p("tokenizer"), "qwen2_5_vl", tokenizer_corpus(n_corpus, run.seed), run.sizes.vocab_size
+        run.p("tokenizer"), "qwen2_5_vl", tokenizer_corpus(n_corpus, run.seed, spec), run.sizes.vocab_size
     )
     from transformers import AutoTokenizer
 
@@ -246,15 +269,39 @@ def _cpu_threads(run: Run) -> int | None:
     return None if torch.cuda.is_available() else run.sizes.cpu_threads
 
 
-def stage_phase1(run: Run) -> dict[str, Any]:
-    script = require_script("phase1", "train/pretrain_projector.py")
+def _on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _phase1(run: Run, stage: str, out: str, extra: Sequence[Any] = ()) -> dict[str, Any]:
+    """Phase 1 (``train/pretrain_projector.py``) from the untrained MASSV drafter into ``out``."""
+    script = require_script(stage, "train/pretrain_projector.py")
     d = run.sizes.drafter
-    out = run.p("phase1")
     args = [script, "--drafter", run.p("drafters/massv-init"), "--target", run.target,
-            "--data", run.world / "captions.json", "--out", out]  # fmt: skip
+            "--data", run.world / "captions.json", "--out", run.p(out)]  # fmt: skip
     train = _train_args(run, d.phase1_epochs, d.phase1_batch_size, d.phase1_lr)
-    run_cmd("phase1", args + train, run.p("logs/phase1.log"), threads=_cpu_threads(run))
-    return _training_result(out)
+    log_path = run.p(f"logs/{out.replace('/', '-')}.log")
+    run_cmd(stage, [*args, *train, *extra], log_path, threads=_cpu_threads(run))
+    return _training_result(run.p(out))
+
+
+def _sdvit(run: Run, stage: str, drafter: str, out: str, extra: Sequence[Any] = ()) -> dict[str, Any]:
+    """SDViT (``train/sdvit.py``) of the phase-1 drafter in ``drafter`` on the generated answers."""
+    script = require_script(stage, "train/sdvit.py")
+    d = run.sizes.drafter
+    args = [script, "--drafter", run.p(drafter), "--target", run.target,
+            "--data", run.p("generate/generated.jsonl"), "--out", run.p(out),
+            "--image-root", run.world]  # fmt: skip  # the generated data's images live in the world
+    train = _train_args(run, d.sdvit_epochs, d.sdvit_batch_size, d.sdvit_lr)
+    log_path = run.p(f"logs/{out.replace('/', '-')}.log")
+    run_cmd(stage, [*args, *train, *extra], log_path, threads=_cpu_threads(run))
+    return _training_result(run.p(out))
+
+
+def stage_phase1(run: Run) -> dict[str, Any]:
+    return _phase1(run, "phase1", "phase1")
 
 
 def stage_generate(run: Run) -> dict[str, Any]:
@@ -262,20 +309,33 @@ def stage_generate(run: Run) -> dict[str, Any]:
     d = run.sizes.drafter
     out = run.p("generate")
     args = [script, "--target", run.target, "--data", run.world / "instructions.json", "--out", out,
-            "--max-tokens", d.gen_max_tokens, "--responses-per-prompt", 1, "--seed", run.seed]  # fmt: skip
-    run_cmd("generate", args, run.p("logs/generate.log"))
+            "--max-tokens", d.gen_max_tokens, "--responses-per-prompt", 1, "--seed", run.seed,
+            "--max-model-len", d.max_model_len, "--shard-size", d.gen_shard_size]  # fmt: skip
+    run_cmd("generate", args, run.p("logs/generate.log"), vllm_cpu=_on_cpu())
     return _generation_result(run, out / "generated.jsonl")
 
 
 def stage_sdvit(run: Run) -> dict[str, Any]:
-    script = require_script("sdvit", "train/sdvit.py")
+    return _sdvit(run, "sdvit", DRAFTER_DIRS["massv-no-sdvit"], "sdvit")
+
+
+def stage_parallel(run: Run) -> dict[str, Any]:
+    """The MASSV recipe again (same data, sizes and seed), both phases with the parallel-drafting
+    loss for γ tokens added; skipped when the preset's ablation leaves the parallel drafter out."""
     d = run.sizes.drafter
-    out = run.p("sdvit")
-    args = [script, "--drafter", run.p(DRAFTER_DIRS["massv-no-sdvit"]), "--target", run.target,
-            "--data", run.p("generate/generated.jsonl"), "--out", out]  # fmt: skip
-    train = _train_args(run, d.sdvit_epochs, d.sdvit_batch_size, d.sdvit_lr)
-    run_cmd("sdvit", args + train, run.p("logs/sdvit.log"), threads=_cpu_threads(run))
-    return _training_result(out)
+    if not any(n in PARALLEL_DRAFTERS for n in d.ablation_drafters):
+        return {"skipped": "the preset's ablation has no parallel drafter"}
+    extra = ["--parallel-draft-tokens", d.gamma, "--parallel-anchors", d.parallel_anchors]
+    return {
+        "gamma": d.gamma,
+        "phase1": _phase1(run, "parallel", "parallel/phase1", extra),
+        "sdvit": _sdvit(run, "parallel", "parallel/phase1/drafter", "parallel/sdvit", extra),
+    }
+
+
+def drafter_arg(run: Run, name: str) -> str:
+    """``name``'s folder as the benchmarks take it (``parallel:FOLDER`` for a parallel drafter)."""
+    return ("parallel:" if name in PARALLEL_DRAFTERS else "") + str(run.p(DRAFTER_DIRS[name]))
 
 
 def _training_result(out: Path) -> dict[str, Any]:
@@ -347,14 +407,15 @@ def stage_ablation(run: Run) -> dict[str, Any]:
     d = run.sizes.drafter
     out = run.p("ablation")
     args = ["-m", "benchmarks.ablation", "--target", run.target, "--eval", run.world / "eval.json",
-            "--drafters", *(f"{n}={run.p(DRAFTER_DIRS[n])}" for n in d.ablation_drafters),
+            "--drafters", *(f"{n}={drafter_arg(run, n)}" for n in d.ablation_drafters),
             "--gamma", d.gamma, "--temperatures", "0", "1", "--batch-size", d.ablation_batch_size,
             "--max-tokens", d.ablation_max_tokens, "--no-tvd", "--out", out]  # fmt: skip
     if d.ablation_limit is not None:
         args += ["--limit", d.ablation_limit]
     if run.sizes.enforce_eager:  # short jobs: skip CUDA-graph capture at each engine start
         args += ["--engine-arg", "enforce_eager=true"]
-    run_cmd("ablation", args, run.p("logs/ablation.log"))
+    args += ["--engine-arg", f"max_model_len={d.max_model_len}"]
+    run_cmd("ablation", args, run.p("logs/ablation.log"), vllm_cpu=_on_cpu())
     doc = _read_json(out / "ablation.json")
     return {
         "gamma": doc["gamma"],
@@ -394,7 +455,7 @@ def stage_tvd(run: Run) -> dict[str, Any]:
     doc = run_tvd(
         run.target,
         run.world / "eval.json",
-        {n: str(run.p(DRAFTER_DIRS[n])) for n in d.ablation_drafters},
+        {n: drafter_arg(run, n) for n in d.ablation_drafters},
         run.p("tvd"),
         responses="generate",
         max_new_tokens=d.ablation_max_tokens,
@@ -415,6 +476,7 @@ STAGE_FNS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "phase1": stage_phase1,
     "generate": stage_generate,
     "sdvit": stage_sdvit,
+    "parallel": stage_parallel,
     "ablation": stage_ablation,
     "tvd": stage_tvd,
 }
@@ -430,13 +492,24 @@ def select_stages(until: str | None, stages: Sequence[str] | None, force: Sequen
     return list(STAGES[: STAGES.index(until) + 1]) if until else list(STAGES)
 
 
-def choose_preset(small: bool, has_gpu: bool) -> tuple[WorldSizes, str]:
-    """The preset to run and a plain sentence saying which one and why."""
-    if small:
-        return PRESETS["small"], "running --small (tiny sizes; the numbers mean nothing) as asked"
+FULL_COMMAND = "python -m benchmarks.world run --out runs/world"
+WHY = {
+    "demo": "the CPU demo (a reduced world sized for a machine without a GPU)",
+    "small": "tiny smoke-test sizes (the numbers mean nothing)",
+    "full": "the full-size pipeline",
+}
+
+
+def choose_preset(preset: str | None, has_gpu: bool) -> tuple[WorldSizes, str]:
+    """The preset to run (``preset``, or by the hardware when None) and a plain sentence saying
+    which one and why."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise StageError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
+        return PRESETS[preset], f"running {WHY[preset]}, as asked (--preset {preset})"
     if not has_gpu:
-        return PRESETS["small"], "no GPU found: running --small (tiny sizes on CPU; the numbers mean nothing)"
-    return PRESETS["full"], "GPU found: running the full-size pipeline"
+        return PRESETS["demo"], f"no GPU found: running {WHY['demo']}"
+    return PRESETS["full"], f"GPU found: running {WHY['full']}"
 
 
 def downstream(stages: Sequence[str]) -> list[str]:
@@ -477,7 +550,7 @@ def _check_run_dir(out: Path, sizes: WorldSizes, seed: int) -> None:
 
 def run_pipeline(
     out: str | Path,
-    small: bool = False,
+    preset: str | None = None,
     until: str | None = None,
     stages: Sequence[str] | None = None,
     force: Sequence[str] = (),
@@ -487,7 +560,7 @@ def run_pipeline(
     import torch
 
     out = Path(out).resolve()
-    sizes, why = choose_preset(small, torch.cuda.is_available())
+    sizes, why = choose_preset(preset, torch.cuda.is_available())
     log(why)
     _check_run_dir(out, sizes, seed)
     run = Run(out, sizes, seed)
@@ -546,14 +619,74 @@ def build_summary(run: Run, why: str, ran: dict[str, float]) -> dict[str, Any]:
         "why": why,
         "out": str(run.out),
         "seed": run.seed,
+        "spec": asdict(run.sizes.spec),
         "stages": stages,
         "total_seconds": round(sum(s["seconds"] or 0 for s in stages.values()), 1),
         "results": results,
+        "mal_order": mal_order(results.get("ablation")),
+        "parallel_vs_sequential": parallel_ratio(results.get("ablation")),
     }
 
 
+# The paper's ordering of the drafters' MAL at T=0: MASSV's two steps each help.
+ORDER = ("text-only", "massv-no-sdvit", "massv")
+ORDER_NAMES = {"text-only": "text-only", "massv-no-sdvit": "MASSV without SDViT", "massv": "MASSV"}
+
+
+def mal_order(ablation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """MAL at T=0 over all tasks per drafter, and whether text-only < MASSV without SDViT <= MASSV."""
+    rows = ((ablation or {}).get("table") or {}).get("T=0")
+    if not rows or not all(d in rows for d in ORDER):
+        return None
+    mal = {d: rows[d]["all"]["mal"] for d in ORDER}
+    if any(v is None for v in mal.values()):
+        return {"mal": mal, "ordered": False}
+    return {"mal": mal, "ordered": mal["text-only"] < mal["massv-no-sdvit"] <= mal["massv"]}
+
+
+def parallel_ratio(ablation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """MAL over all tasks of the parallel MASSV drafter against sequential MASSV's, per temperature."""
+    table = (ablation or {}).get("table") or {}
+    out = {}
+    for temp, rows in table.items():
+        par, seq = (rows.get(n, {}).get("all", {}).get("mal") for n in ("massv-parallel", "massv"))
+        if par is not None and seq:
+            out[temp] = {"massv-parallel": par, "massv": seq, "ratio": par / seq}
+    return out or None
+
+
+def _world_words(spec: dict[str, Any]) -> str:
+    grid = spec["grid"]
+    sides = (
+        f"{spec['min_side']}"
+        if spec["min_side"] == spec["max_side"]
+        else f"{spec['min_side']}-{spec['max_side']}"
+    )
+    return (
+        f"{len(spec['colours'])} colours, {len(spec['shapes'])} shapes, a {grid}x{grid} grid, {sides}-px "
+        f"images, {len(spec['tasks'])} task{'s' if len(spec['tasks']) > 1 else ''} ({', '.join(spec['tasks'])})"
+    )
+
+
+def preset_note(s: dict[str, Any]) -> str | None:
+    """What a run that is not the full size shows, and the command for the full-size result."""
+    from benchmarks.world.sizes import FULL
+
+    full = f"{FULL_COMMAND}` on a machine with a GPU ({_world_words(asdict(FULL.spec))})"
+    if s["preset"] == "demo":
+        params = ((s["results"].get("target") or {}).get("parameters") or 0) / 1e6
+        return (
+            f"This is the CPU demo: a reduced world ({_world_words(s['spec'])}) and a {params:.1f}M-parameter "
+            f"target, sized for a machine without a GPU.\nThe full-size result comes from `{full}."
+        )
+    if s["preset"] == "small":
+        return f"Tiny smoke-test sizes: the numbers mean nothing. The full-size result comes from `{full}."
+    return None
+
+
 def format_summary(s: dict[str, Any]) -> str:
-    parts = [f"== synthetic world: {s['preset']} ({s['why']}) =="]
+    title = "CPU demo" if s["preset"] == "demo" else s["preset"]
+    parts = [f"== synthetic world: {title} ==\n{s['why']}"]
     parts.append(
         format_table(
             ["stage", "status", "seconds"],
@@ -597,15 +730,32 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{t['loss_first']:.3f} -> {t['loss_last']:.3f}, held-out "
             f"{t['held_out_loss_before']:.3f} -> {t['held_out_loss_after']:.3f}"
         )
-    for name in ("phase1", "sdvit"):
-        if r.get(name):
-            parts.append(
-                f"{name}: {r[name]['steps']} steps, loss {r[name]['loss_first']:.3f} -> {r[name]['loss_last']:.3f}"
-            )
+    par = r.get("parallel") or {}
+    trained = [(n, r.get(n)) for n in ("phase1", "sdvit")]
+    trained += [(f"parallel {n}", par.get(n)) for n in ("phase1", "sdvit")]
+    for name, t in trained:
+        if t:
+            parts.append(f"{name}: {t['steps']} steps, loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}")
     if r.get("generate"):
         parts.append(f"generate: {r['generate']['responses']} self-distilled responses")
     if r.get("ablation"):
         parts.append(format_ablation(r["ablation"]))
+    order = s.get("mal_order")
+    if order:
+        m = order["mal"]
+        line = (
+            f"MAL at T=0 over all tasks: text-only {fmt(m['text-only'], 2)} < MASSV without SDViT "
+            f"{fmt(m['massv-no-sdvit'], 2)} <= MASSV {fmt(m['massv'], 2)}"
+        )
+        parts.append(
+            line
+            + (": the paper's ordering" if order["ordered"] else ": NOT the paper's ordering (see above)")
+        )
+    for temp, v in (s.get("parallel_vs_sequential") or {}).items():
+        parts.append(
+            f"parallel drafting, {temp}: MAL {fmt(v['massv-parallel'], 2)} (one drafter forward per step) "
+            f"vs {fmt(v['massv'], 2)} sequential = {v['ratio']:.2f}x"
+        )
     if r.get("tvd"):
         parts.append(
             "TVD (drafter vs target, along the target's greedy answers; histogram: "
@@ -619,6 +769,9 @@ def format_summary(s: dict[str, Any]) -> str:
                 digits=3,
             )
         )
+    note = preset_note(s) if "spec" in s else None
+    if note:
+        parts.append(note)
     return "\n\n".join(parts)
 
 

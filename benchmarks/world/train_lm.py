@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from benchmarks import cli
-from benchmarks.world.generate_world import lm_texts
+from benchmarks.world.generate_world import lm_texts, load_spec
 from benchmarks.world.train_target import DTYPES, device_and_autocast, log, lr_at
 
 
@@ -72,7 +72,8 @@ def train_lm(
     from massv_vllm.testing.tiny import make_small_lm
 
     world_dir, out = Path(world_dir), Path(out_dir)
-    make_small_lm(out, tokenizer_dir, "qwen2_5_vl", seed=seed + 1, **sizes.arch)
+    # Vocab = the tokenizer length, below the target's padded one (train_target.build_target).
+    make_small_lm(out, tokenizer_dir, "qwen2_5_vl", seed=seed + 1, vocab_multiple=1, **sizes.arch)
     tok = AutoTokenizer.from_pretrained(str(out))
     texts = [json.loads(line) for line in (world_dir / "lm_texts.jsonl").read_text().splitlines() if line]
     if not texts:
@@ -80,7 +81,8 @@ def train_lm(
     seqs = tok([chat_text(tok, t["prompt"], t["answer"]) for t in texts], add_special_tokens=False)[
         "input_ids"
     ]
-    held = [chat_text(tok, t["prompt"], t["answer"]) for t in lm_texts(256, seed=seed + 7919)]
+    held_texts = lm_texts(256, seed=seed + 7919, spec=load_spec(world_dir))  # the world's texts, unseen
+    held = [chat_text(tok, t["prompt"], t["answer"]) for t in held_texts]
     held_seqs = tok(held, add_special_tokens=False)["input_ids"]
 
     device, autocast = device_and_autocast()

@@ -211,6 +211,7 @@ def make_qwen2_5_vl_target(
     vision_heads: int = 2,
     out_hidden_size: int | None = None,
     vocab_multiple: int = 64,
+    vocab_padding: int = 0,
     max_position_embeddings: int = 4096,
     min_pixels: int = 28 * 28 * 4,
     max_pixels: int = 28 * 28 * 256,
@@ -219,8 +220,8 @@ def make_qwen2_5_vl_target(
 ) -> Path:
     """A tiny Qwen2_5_VLForConditionalGeneration (random weights) with processor and tokenizer.
 
-    ``vocab_size`` is the tokenizer length rounded up to ``vocab_multiple``, as the real
-    checkpoints pad theirs (152064 vs 151665 tokens).
+    ``vocab_size`` is the tokenizer length plus ``vocab_padding`` rounded up to ``vocab_multiple``,
+    as the real checkpoints pad theirs (152064 vs 151665 tokens).
     """
     from transformers import (
         AutoTokenizer,
@@ -234,7 +235,7 @@ def make_qwen2_5_vl_target(
     tok_dir, out = Path(tok_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = _tok_ids(tok_dir)
-    vocab = _pad_to(ids["__len__"], vocab_multiple)
+    vocab = _pad_to(ids["__len__"] + vocab_padding, vocab_multiple)
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab,

@@ -19,7 +19,7 @@ from typing import Any
 from benchmarks import cli
 from benchmarks.acceptance import ALL, NONE, add_decoding_args, run_acceptance
 from benchmarks.acceptance import format_report as acceptance_report
-from benchmarks.evalset import add_eval_args, hf_columns_from
+from benchmarks.evalset import add_eval_args
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -237,20 +237,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    return cli.run_main(
+    return cli.run_eval_main(
         run_ablation,
         a,
-        a.target,
-        a.eval,
         parse_named_paths(a.drafters),
-        a.out,
         module="benchmarks.ablation",
         argv=argv,
         report=format_ablation,
         results="ablation.json",
         tvd=not a.no_tvd,
         engine_kw=parse_engine_args(a.engine_arg),
-        hf_columns=hf_columns_from(a),
     )
 
 

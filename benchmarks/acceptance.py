@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cli
-from benchmarks.evalset import EvalItem, add_eval_args, hf_columns_from, load_eval_set
+from benchmarks.evalset import EvalItem, add_eval_args, load_eval_set
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -634,19 +634,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fresh", action="store_true", help="rerun modes even if finished results exist")
     a = p.parse_args(argv)
-    return cli.run_main(
+    return cli.run_eval_main(
         run_acceptance,
         a,
-        a.target,
-        a.eval,
         a.modes,
-        a.out,
         module="benchmarks.acceptance",
         argv=argv,
         report=format_report,
         results="results.json",
         engine_kw=parse_engine_args(a.engine_arg),
-        hf_columns=hf_columns_from(a),
     )
 
 

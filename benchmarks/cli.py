@@ -1,6 +1,7 @@
 """What the benchmark command lines share: the parser, the ``--engine-arg`` option and ``run_main``,
 the body of a ``main()`` that forwards the parsed options to the ``run_*`` function they configure,
-records the command in the results' ``meta`` and prints the report."""
+records the command in the results' ``meta`` and prints the report (``run_eval_main``: the same for
+the benchmarks over an eval set)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks.evalset import hf_columns_from
 
 
 def parser(doc: str | None, **kw: Any) -> argparse.ArgumentParser:
@@ -53,3 +56,12 @@ def run_main(
     print(report(doc))
     print(f"\nwrote {Path(a.out) / results}")
     return doc
+
+
+def run_eval_main(
+    run: Callable[..., dict[str, Any]], a: argparse.Namespace, selection: Any, **kwargs: Any
+) -> dict[str, Any]:
+    """``run_main`` of a benchmark over an eval set (``benchmarks.evalset.add_eval_args``):
+    ``run(a.target, a.eval, selection, a.out, ...)`` with the eval set's column options;
+    ``kwargs``: ``run_main``'s keywords and further ones for ``run``."""
+    return run_main(run, a, a.target, a.eval, selection, a.out, hf_columns=hf_columns_from(a), **kwargs)

@@ -38,7 +38,6 @@ prompts with ``ignore_eos``: prefill and the first token cancel out.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -49,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import cli
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -884,7 +884,7 @@ def format_report(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from massv_vllm.engine import parse_engine_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-vl-7b/qwen2.5-1.5b")
     p.add_argument(
         "--tiny", action="store_true", help="CPU smoke run: tiny-qwen, few steps, batch 1 and 2, γ=2"
@@ -923,7 +923,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="also profile STEPS decode steps of every speculative engine (phase table)",
     )
     p.add_argument("--trace", action="store_true", help="with --profile: write chrome traces to OUT/traces/")
-    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    cli.add_engine_arg(p, help=None)
     p.add_argument(
         "--models-dir", default=None, help="where to write the config-only folders (default OUT/models)"
     )
@@ -936,10 +936,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kw = parse_engine_args(a.engine_arg)
     if a.eager:
         kw["enforce_eager"] = True
-    doc = run_cost(
+    # jobs, compile_backend, fresh, trace and models_dir reach run_cost by name (cli.forward).
+    return cli.run_main(
+        run_cost,
+        a,
         a.out,
+        module="benchmarks.cost",
+        argv=argv,
+        report=format_report,
+        results="cost.json",
         preset="tiny-qwen" if tiny else a.preset,
-        jobs=a.jobs,
         gammas=a.gammas or ([2] if tiny else [5]),
         batch_sizes=a.batch_sizes or ([1, 2] if tiny else [1, 8, 32]),
         steps=a.steps or (4 if tiny else 64),
@@ -947,17 +953,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompt_len=a.prompt_len if not tiny else min(a.prompt_len, 16),
         image_size=(image and (112, 112)) if tiny else image,
         mals=a.mal,
-        compile_backend=a.compile_backend,
         engine_kw=kw,
-        fresh=a.fresh,
         profile_steps=a.profile,
-        trace=a.trace,
-        models_dir=a.models_dir,
-        argv=["-m", "benchmarks.cost", *(sys.argv[1:] if argv is None else argv)],
     )
-    print(format_report(doc))
-    print(f"\nwrote {Path(a.out) / 'cost.json'}")
-    return doc
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks import cli
-from benchmarks.evalset import EvalItem, add_eval_args, hf_columns_from, load_eval_set
+from benchmarks.evalset import EvalItem, add_eval_args, load_eval_set
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -454,18 +454,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", required=True)
     p.add_argument("--fresh", action="store_true", help="ignore finished records of an earlier run")
     a = p.parse_args(argv)
-    return cli.run_main(
+    return cli.run_eval_main(
         run_tvd,
         a,
-        a.target,
-        a.eval,
         parse_named_paths(a.drafters),
-        a.out,
         module="benchmarks.tvd",
         argv=argv,
         report=format_report,
         results="tvd.json",
-        hf_columns=hf_columns_from(a),
     )
 
 

@@ -41,12 +41,12 @@ def tiny_set(request, tiny_qwen, tiny_gemma):
 
 def _reference(tiny):
     from massv_vllm.engine import make_llm, shutdown
-    from massv_vllm.testing.lossless import greedy, prompt_suite
-    from tests.engine_checks import ENGINE_KW, MAX_TOKENS, SUITE_SIZE
+    from massv_vllm.testing.lossless import greedy
+    from tests.engine_checks import ENGINE_KW, MAX_TOKENS, engine_suite
 
     llm = make_llm(str(tiny.target), None, **ENGINE_KW)
     try:
-        return greedy(llm, prompt_suite(SUITE_SIZE, max_images=2, long_words=150), MAX_TOKENS, logprobs=2)
+        return greedy(llm, engine_suite(), MAX_TOKENS, logprobs=2)
     finally:
         shutdown(llm)
 

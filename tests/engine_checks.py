@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from vllm import SamplingParams
 from vllm.multimodal.utils import encode_image_url
 
 from massv_vllm.metrics import SpecCounters
-from massv_vllm.testing.lossless import divergences, greedy, prompt_suite
+from massv_vllm.testing.lossless import Output, Request, divergences, greedy, prompt_suite
 from massv_vllm.testing.tiny import synthetic_image
 
 # One prompt suite for every engine test: text-only, 1 and 2 images of varied sizes, long prompts
@@ -18,17 +20,45 @@ MAX_TOKENS = 16
 GAMMA = 3
 
 
-def mirror_engine(tiny, out_dir, text_only: bool = False, env: dict[str, str] | None = None):
-    """A module-scoped MASSV engine (with the drafter probe) whose drafter mirrors the target
-    (generator body for a fixture); ``env``: patch switches for its processes."""
+def engine_suite() -> list[Request]:
+    """The suite every engine test runs (the session's no-speculation references are of it)."""
+    return prompt_suite(SUITE_SIZE, max_images=2, long_words=150)
+
+
+def probed_engine(tiny, drafter, env: dict[str, str] | None = None, **spec: Any):
+    """A module-scoped MASSV engine with the drafter probe (generator body for a fixture);
+    ``env``: patch switches for its processes, ``spec``: further speculative-config keys."""
     from massv_vllm.engine import engine_env, make_llm, massv_spec, shutdown
+
+    with engine_env(env):
+        engine = make_llm(str(tiny.target), massv_spec(str(drafter), GAMMA, **spec), probe=True, **ENGINE_KW)
+    yield engine
+    shutdown(engine)
+
+
+def mirror_engine(tiny, out_dir, text_only: bool = False, env: dict[str, str] | None = None):
+    """``probed_engine`` with a drafter that mirrors the target (written to ``out_dir``)."""
     from massv_vllm.testing.tiny import make_mirror_drafter
 
     drafter = make_mirror_drafter(tiny.target, tiny.tokenizer, out_dir, text_only=text_only)
-    with engine_env(env):
-        engine = make_llm(str(tiny.target), massv_spec(str(drafter), GAMMA), probe=True, **ENGINE_KW)
-    yield engine
-    shutdown(engine)
+    yield from probed_engine(tiny, drafter, env=env)
+
+
+def counted_greedy(
+    llm, requests: list[Request], max_tokens: int = MAX_TOKENS
+) -> tuple[list[Output], SpecCounters]:
+    """T=0 outputs of ``requests`` and the spec-decode counters they added."""
+    before = SpecCounters.from_llm(llm)
+    outs = greedy(llm, requests, max_tokens)
+    return outs, SpecCounters.from_llm(llm) - before
+
+
+def target_image_features(target, seeds: list[int], size: tuple[int, int]) -> torch.Tensor:
+    """The target's image features (``TargetEncoder``, the training side) of ``chat(seeds,
+    size=size)``'s images, concatenated: what the projector must be fed."""
+    from massv_vllm.training.target_features import TargetEncoder
+
+    return torch.cat(TargetEncoder(target).image_features([synthetic_image(s, size) for s in seeds]))
 
 
 def fast_loop_calls(llm, kind: str = "all") -> int | None:
@@ -42,16 +72,14 @@ def assert_mirror_accepts(llm, reference, image_floor: float | None = 2.0) -> di
     """T=0 output equals the no-speculation reference on the whole suite, *and* drafts are
     accepted: MAL >= γ + 0.5 on the text-only prompts (the mirror drafter is the target there)
     and MAL > ``image_floor`` on the image prompts. Returns the two MALs."""
-    suite = prompt_suite(SUITE_SIZE, max_images=2, long_words=150)
+    suite = engine_suite()
     assert_lossless(reference, greedy(llm, suite, MAX_TOKENS))
     mals = {}
     for kind, requests in (
         ("text", [r for r in suite if r.num_images == 0]),
         ("image", [r for r in suite if r.num_images > 0]),
     ):
-        before = SpecCounters.from_llm(llm)
-        greedy(llm, requests, MAX_TOKENS)
-        delta = SpecCounters.from_llm(llm) - before
+        delta = counted_greedy(llm, requests)[1]
         assert delta.num_drafts > 0
         mals[kind] = delta.mean_accepted_length
     print(f"mirror drafter MAL: {mals}")
@@ -59,15 +87,6 @@ def assert_mirror_accepts(llm, reference, image_floor: float | None = 2.0) -> di
     if image_floor is not None:
         assert mals["image"] > image_floor, mals
     return mals
-
-
-def probed_engine(tiny, drafter):
-    """A module-scoped MASSV engine with the drafter probe (generator body for a fixture)."""
-    from massv_vllm.engine import make_llm, massv_spec, shutdown
-
-    engine = make_llm(str(tiny.target), massv_spec(str(drafter), GAMMA), probe=True, **ENGINE_KW)
-    yield engine
-    shutdown(engine)
 
 
 def assert_drafter_reads_images(llm, tokens, colours, seed) -> None:
@@ -207,9 +226,7 @@ def greedy_by_kind(llm, requests, max_tokens: int = MAX_TOKENS) -> tuple[dict, d
         subset = [r for r in requests if (r.num_images > 0) == (kind == "image")]
         if not subset:
             continue
-        before = SpecCounters.from_llm(llm)
-        outs[kind] = greedy(llm, subset, max_tokens)
-        counters[kind] = SpecCounters.from_llm(llm) - before
+        outs[kind], counters[kind] = counted_greedy(llm, subset, max_tokens)
     return outs, counters
 
 

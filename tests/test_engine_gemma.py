@@ -11,22 +11,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from massv_vllm.metrics import SpecCounters
-from massv_vllm.testing.lossless import greedy, prompt_suite
-from massv_vllm.testing.tiny import synthetic_image
-from massv_vllm.training.target_features import TargetEncoder
 from tests.engine_checks import (
     GAMMA,
-    MAX_TOKENS,
-    SUITE_SIZE,
     assert_drafter_reads_images,
     assert_lossless,
     assert_mirror_accepts,
     chat,
+    counted_greedy,
+    engine_suite,
     mirror_engine,
     probed_engine,
     projector_inputs,
     run_probed,
+    target_image_features,
     train_image_aware_drafter,
 )
 
@@ -53,9 +50,7 @@ def test_accepted_drafts_are_lossless(mirror_llm, gemma_reference):
 
 
 def test_low_acceptance_drafter_is_lossless(llm, gemma_reference):
-    before = SpecCounters.from_llm(llm)
-    outs = greedy(llm, prompt_suite(SUITE_SIZE, max_images=2, long_words=150), MAX_TOKENS)
-    delta = SpecCounters.from_llm(llm) - before
+    outs, delta = counted_greedy(llm, engine_suite())
     assert_lossless(gemma_reference, outs)
     assert delta.num_drafts > 0 and 1.0 <= delta.mean_accepted_length <= GAMMA + 1
     assert len(delta.accepted_per_pos) == GAMMA
@@ -64,9 +59,7 @@ def test_low_acceptance_drafter_is_lossless(llm, gemma_reference):
 def test_drafter_receives_the_targets_image_features(llm, tiny_gemma):
     seeds = [911, 912]
     _, rec = run_probed(llm, chat(seeds, size=(150, 220)))
-    want = torch.cat(
-        TargetEncoder(tiny_gemma.target).image_features([synthetic_image(s, (150, 220)) for s in seeds])
-    )
+    want = target_image_features(tiny_gemma.target, seeds, (150, 220))
     got = projector_inputs(rec)
     assert got.shape == want.shape  # soft tokens only: <start_of_image>/<end_of_image> excluded
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -14,20 +14,20 @@ import json
 import pytest
 import torch
 
-from massv_vllm.engine import make_llm, massv_spec, shutdown
-from massv_vllm.metrics import SpecCounters
-from massv_vllm.testing.lossless import greedy, prompt_suite
+from massv_vllm.testing.lossless import greedy
 from massv_vllm.testing.tiny import make_mirror_drafter, synthetic_image
 from massv_vllm.training.target_features import TargetEncoder
 from tests.engine_checks import (
-    ENGINE_KW,
     GAMMA,
     MAX_TOKENS,
-    SUITE_SIZE,
     assert_lossless,
     chat,
+    counted_greedy,
+    engine_suite,
+    probed_engine,
     projector_inputs,
     run_probed,
+    target_image_features,
 )
 
 pytestmark = pytest.mark.engine
@@ -44,18 +44,13 @@ def parallel_drafter(tiny_qwen, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny_qwen, parallel_drafter):
-    spec = massv_spec(str(parallel_drafter), GAMMA, parallel_drafting=True)
-    engine = make_llm(str(tiny_qwen.target), spec, probe=True, **ENGINE_KW)
-    yield engine
-    shutdown(engine)
+    yield from probed_engine(tiny_qwen, parallel_drafter, parallel_drafting=True)
 
 
 def test_parallel_drafting_is_lossless_with_accepted_drafts(llm, qwen_reference):
-    suite = prompt_suite(SUITE_SIZE, max_images=2, long_words=150)
+    suite = engine_suite()
     assert_lossless(qwen_reference, greedy(llm, suite, MAX_TOKENS))
-    before = SpecCounters.from_llm(llm)
-    greedy(llm, [r for r in suite if r.num_images == 0], MAX_TOKENS)
-    delta = SpecCounters.from_llm(llm) - before
+    delta = counted_greedy(llm, [r for r in suite if r.num_images == 0])[1]
     # The first draft of each step comes from the bonus slot, which the mirror gets right.
     assert delta.num_drafts > 0 and delta.acceptance_per_position[0] > 0.8, delta
     assert delta.mean_accepted_length > 1.8
@@ -70,9 +65,7 @@ def test_image_rows_land_on_image_slots_in_the_parallel_layout(llm, tiny_qwen):
     assert rec["image_slots"], "the drafter received no image embeddings"
     for call in rec["image_slots"]:
         assert call["slot_tokens"] == [image_id] and call["slots"] == call["rows"], call
-    want = torch.cat(
-        TargetEncoder(tiny_qwen.target).image_features([synthetic_image(s, size) for s in seeds])
-    )
+    want = target_image_features(tiny_qwen.target, seeds, size)
     torch.testing.assert_close(projector_inputs(rec), want, atol=1e-4, rtol=1e-4)
 
 

@@ -11,24 +11,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from massv_vllm.metrics import SpecCounters
-from massv_vllm.testing.lossless import greedy, prompt_suite
 from massv_vllm.training.target_features import TargetEncoder
 from tests.engine_checks import (
     ENGINE_KW,
     GAMMA,
-    MAX_TOKENS,
-    SUITE_SIZE,
     assert_drafter_reads_images,
     assert_lossless,
     assert_mirror_accepts,
     assert_positions_are_absolute,
     chat,
+    counted_greedy,
+    engine_suite,
     fast_loop_calls,
     mirror_engine,
     probed_engine,
     projector_inputs,
     run_probed,
+    target_image_features,
     train_image_aware_drafter,
 )
 
@@ -64,9 +63,7 @@ def test_accepted_drafts_are_lossless(mirror_llm, qwen_reference):
 
 @pytest.fixture(scope="module")
 def suite_run(llm):
-    before = SpecCounters.from_llm(llm)
-    outs = greedy(llm, prompt_suite(SUITE_SIZE, max_images=2, long_words=150), MAX_TOKENS)
-    return outs, SpecCounters.from_llm(llm) - before
+    return counted_greedy(llm, engine_suite())
 
 
 def test_low_acceptance_drafter_is_lossless(suite_run, qwen_reference):
@@ -88,11 +85,7 @@ def test_drafter_receives_the_targets_image_features(llm, tiny_qwen):
     seeds = [901, 902]
     _, rec = run_probed(llm, chat(seeds, size=(250, 130)))
     got = projector_inputs(rec)
-    from massv_vllm.testing.tiny import synthetic_image
-
-    want = torch.cat(
-        TargetEncoder(tiny_qwen.target).image_features([synthetic_image(s, (250, 130)) for s in seeds])
-    )
+    want = target_image_features(tiny_qwen.target, seeds, (250, 130))
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -132,7 +125,7 @@ def test_seeded_sampling_survives_chunked_prefill(mirror_llm):
     not use offset"; patches/cpu_model_runner.py). Runs last: before the fix it killed the engine."""
     from vllm import SamplingParams
 
-    long = next(r for r in prompt_suite(SUITE_SIZE, max_images=2, long_words=150) if r.long)
+    long = next(r for r in engine_suite() if r.long)
     params = SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
     outs = mirror_llm.chat([long.messages] * 2, [params, params], use_tqdm=False)
     assert len(outs[0].prompt_token_ids) > ENGINE_KW["max_num_batched_tokens"]  # chunked

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -290,7 +291,7 @@ def make_qwen2_5_vl_target(
         chat_template=QWEN_CHAT_TEMPLATE,
     )
     proc.save_pretrained(out)
-    _write_generation_config(out, ids["<|endoftext|>"], [ids["<|im_end|>"], ids["<|endoftext|>"]])
+    _write_generation_config(out, "qwen2_5_vl", ids)
     return out
 
 
@@ -301,6 +302,21 @@ def _gemma_layer_types(num_layers: int) -> list[str]:
         "full_attention" if i % 6 == 5 or i == num_layers - 1 else "sliding_attention"
         for i in range(num_layers)
     ]
+
+
+def _gemma_attention(num_layers: int, head_dim: int, sliding_window: int) -> dict[str, Any]:
+    """Gemma3's attention keys of a text config (tiny target and tiny LM alike): head size and query
+    scale, the sliding/full layer mix and the RoPE base of each kind of layer."""
+    return dict(
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=sliding_window,
+        layer_types=_gemma_layer_types(num_layers),
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    )
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -355,15 +371,8 @@ def make_gemma3_target(
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
-            head_dim=head_dim,
-            query_pre_attn_scalar=head_dim,
-            sliding_window=sliding_window,
-            layer_types=_gemma_layer_types(num_layers),
             max_position_embeddings=max_position_embeddings,
-            rope_parameters={
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
-            },
+            **_gemma_attention(num_layers, head_dim, sliding_window),
             bos_token_id=ids["<bos>"],
             eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
             pad_token_id=ids["<pad>"],
@@ -407,7 +416,7 @@ def make_gemma3_target(
         image_seq_length=mm_tokens_per_image,
     )
     proc.save_pretrained(out)
-    _write_generation_config(out, ids["<bos>"], [ids["<eos>"], ids["<end_of_turn>"]])
+    _write_generation_config(out, "gemma3", ids)
     return out
 
 
@@ -454,10 +463,7 @@ def make_small_lm(
             eos_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=tie_word_embeddings,
         )
-        eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-        bos = ids["<|endoftext|>"]
     elif family == "gemma3":
-        hd = head_dim or hidden_size // num_heads
         cfg = Gemma3TextConfig(
             vocab_size=vocab,
             hidden_size=hidden_size,
@@ -465,36 +471,36 @@ def make_small_lm(
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
-            head_dim=hd,
-            query_pre_attn_scalar=hd,
-            sliding_window=64,
-            layer_types=_gemma_layer_types(num_layers),
             max_position_embeddings=max_position_embeddings,
-            rope_parameters={
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
-            },
+            **_gemma_attention(num_layers, head_dim or hidden_size // num_heads, sliding_window=64),
             bos_token_id=ids["<bos>"],
             eos_token_id=ids["<eos>"],
             pad_token_id=ids["<pad>"],
             tie_word_embeddings=tie_word_embeddings,
         )
         cfg.architectures = ["Gemma3ForCausalLM"]
-        eos = [ids["<eos>"], ids["<end_of_turn>"]]
-        bos = ids["<bos>"]
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(TINY_FAMILIES)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     _save_model(model, out, dtype)
     _copy_tokenizer(tok_dir, out)
-    _write_generation_config(out, bos, eos)
+    _write_generation_config(out, family, ids)
     return out
 
 
-def _write_generation_config(out: Path, bos: int, eos: list[int]) -> None:
+# generation_config.json's bos token and eos tokens per family (eos: both the plain end and the chat's
+# end of turn); the targets and the small LMs of a family must stop on the same tokens.
+_GENERATION_TOKENS = {
+    "qwen2_5_vl": ("<|endoftext|>", ["<|im_end|>", "<|endoftext|>"]),
+    "gemma3": ("<bos>", ["<eos>", "<end_of_turn>"]),
+}
+
+
+def _write_generation_config(out: Path, family: str, ids: dict[str, int]) -> None:
+    bos, eos = _GENERATION_TOKENS[family]
     (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2) + "\n"
+        json.dumps({"bos_token_id": ids[bos], "eos_token_id": [ids[t] for t in eos]}, indent=2) + "\n"
     )
 
 

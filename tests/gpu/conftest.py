@@ -12,6 +12,14 @@ import pytest
 import torch
 
 ON_CPU = os.environ.get("MASSV_GPU_TESTS_ON_CPU") == "1"
+# ``pytestmark`` of the modules whose CPU dry run shrinks their sizes; the skip reason says how.
+GPU_OR_CPU_DRY_RUN = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or ON_CPU),
+        reason="needs a CUDA GPU (MASSV_GPU_TESTS_ON_CPU=1 dry-runs it on CPU with small N)",
+    ),
+]
 # These tests touch CUDA in the pytest process (TargetEncoder, drafter training) before vLLM
 # starts its engine processes; forked children of a CUDA-initialised parent fail with
 # "CUDA error: initialization error" (seen on the H100), spawned ones do not.

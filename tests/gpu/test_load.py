@@ -17,25 +17,16 @@ import io
 import json
 import os
 
-import pytest
-import torch
-
 from benchmarks import load
 from massv_vllm.engine import on_gpu
 from massv_vllm.testing.serve_utils import start_server
 from massv_vllm.testing.tiny import synthetic_image
+from tests.gpu.conftest import GPU_OR_CPU_DRY_RUN, ON_CPU
 
-CPU_DRY_RUN = os.environ.get("MASSV_GPU_TESTS_ON_CPU") == "1"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() or CPU_DRY_RUN),
-        reason="needs a CUDA GPU (MASSV_GPU_TESTS_ON_CPU=1 dry-runs it on CPU with small N)",
-    ),
-]
+pytestmark = GPU_OR_CPU_DRY_RUN
 
-REQUESTS = int(os.environ.get("MASSV_LOAD_REQUESTS", "12" if CPU_DRY_RUN else "200"))
-CANCEL = int(os.environ.get("MASSV_LOAD_CANCEL", "3" if CPU_DRY_RUN else "20"))
+REQUESTS = int(os.environ.get("MASSV_LOAD_REQUESTS", "12" if ON_CPU else "200"))
+CANCEL = int(os.environ.get("MASSV_LOAD_CANCEL", "3" if ON_CPU else "20"))
 # Eager engines start in ~15 s; a fixed KV cache keeps the two servers from competing for memory.
 GPU_ENGINE = dict(enforce_eager=True, kv_cache_memory_bytes=4 << 30, gpu_memory_utilization=0.3)
 

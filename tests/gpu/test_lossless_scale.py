@@ -22,24 +22,17 @@ import time
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 from massv_vllm.engine import make_llm, massv_spec, on_gpu, shutdown
 from massv_vllm.metrics import SpecCounters
 from massv_vllm.testing.lossless import Output, divergences, greedy, prompt_suite
 from massv_vllm.testing.tiny import make_mirror_drafter
 from tests.engine_checks import greedy_by_kind
+from tests.gpu.conftest import GPU_OR_CPU_DRY_RUN, ON_CPU
 
-CPU_DRY_RUN = os.environ.get("MASSV_GPU_TESTS_ON_CPU") == "1"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() or CPU_DRY_RUN),
-        reason="needs a CUDA GPU (MASSV_GPU_TESTS_ON_CPU=1 dry-runs it on CPU with small N)",
-    ),
-]
+pytestmark = GPU_OR_CPU_DRY_RUN
 
-N = int(os.environ.get("MASSV_LOSSLESS_N", "6" if CPU_DRY_RUN else "200"))
+N = int(os.environ.get("MASSV_LOSSLESS_N", "6" if ON_CPU else "200"))
 N_BF16_SINGLE = min(N, 32)  # bf16 batch-1 subset (runtime budget)
 MAX_TOKENS = 16
 GAMMA = 3
@@ -52,6 +45,7 @@ if on_gpu():
     ENGINE_KW.update(enforce_eager=True, kv_cache_memory_bytes=2 << 30, gpu_memory_utilization=0.3)
 FP32_TIE = 1e-5  # a true tie at fp32 precision: different GEMM shapes may break it either way
 BF16_TIE = float(os.environ.get("MASSV_BF16_TIE_TOL", "0.02"))
+EACH_DRAFTER = pytest.mark.parametrize("drafter", ["mirror", "random"])  # the speculative runs of _runs
 
 
 @dataclass
@@ -170,22 +164,22 @@ def test_mirror_drafts_are_accepted(dtype, request):
     assert random < 2.0, f"the random drafter is the low-acceptance case (MAL {random})"
 
 
-@pytest.mark.parametrize("drafter", ["mirror", "random"])
+@EACH_DRAFTER
 def test_fp32_lossless_batch_1(fp32, drafter):
     check(fp32["ref"].single, fp32[drafter].single, FP32_TIE, f"fp32 batch 1, {drafter}")
 
 
-@pytest.mark.parametrize("drafter", ["mirror", "random"])
+@EACH_DRAFTER
 def test_fp32_lossless_batched(fp32, drafter):
     check(fp32["ref"].batched, fp32[drafter].batched, FP32_TIE, f"fp32 batch 64, {drafter}")
 
 
-@pytest.mark.parametrize("drafter", ["mirror", "random"])
+@EACH_DRAFTER
 def test_fp32_lossless_with_sampled_requests_in_the_batch(fp32, drafter):
     check(fp32["ref"].batched, fp32[drafter].mixed, FP32_TIE, f"fp32 batch 64 + sampled, {drafter}")
 
 
-@pytest.mark.parametrize("drafter", ["mirror", "random"])
+@EACH_DRAFTER
 def test_bf16_divergences_only_at_near_ties(bf16, drafter):
     check(bf16["ref"].batched, bf16[drafter].batched, BF16_TIE, f"bf16 batch 64, {drafter}")
     check(bf16["ref"].single, bf16[drafter].single, BF16_TIE, f"bf16 batch 1, {drafter}")

@@ -148,3 +148,20 @@ def test_cli_reports_errors_in_one_line(tmp_path, fake_stages, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: stage ablation needs stage(s) drafters, phase1, sdvit, parallel first")
     assert cli_main(["summary", "--out", str(tmp_path / "none")]) == 2
+
+
+def test_progress_bars_go_to_the_stage_log_not_a_piped_console(tmp_path, monkeypatch, capsys):
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import sys\n"
+        "from tqdm import tqdm\n"
+        "for _ in tqdm(range(3), desc='train', file=sys.stdout, mininterval=0): pass\n"
+        "for _ in tqdm(iter(range(2)), desc='data', unit='rec', file=sys.stdout, mininterval=0): pass\n"
+        "print('[massv] done: 3 steps')\n"
+    )
+    monkeypatch.setattr(pl, "REPO", tmp_path)
+    pl.run_cmd("job", [script], tmp_path / "job.log")
+    shown = capsys.readouterr().out
+    logged = (tmp_path / "job.log").read_text()
+    assert "train: 100%|" in logged and "data: 2rec [" in logged and "[massv] done: 3 steps" in logged
+    assert "[massv] done: 3 steps\n" in shown and "train:" not in shown and "data:" not in shown

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -160,14 +161,29 @@ def run_cmd(
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         assert proc.stdout is not None
+        # A progress bar's updates arrive as lines (text mode splits on its carriage returns): on a
+        # terminal they redraw one line; piped, only the log file keeps them.
+        tty, on_bar = sys.stdout.isatty(), False
         for line in proc.stdout:
             f.write(line)
-            if not _noise(line):
-                sys.stdout.write(line)
+            if _progress_bar(line):
+                if tty:
+                    sys.stdout.write("\r" + line.rstrip("\n"))
+                    on_bar = True
+            elif not _noise(line):
+                sys.stdout.write(("\n" if on_bar else "") + line)
+                on_bar = False
+        sys.stdout.write("\n" if on_bar else "")
         rc = proc.wait()
     if rc != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise StageError(f"stage {stage} failed (exit {rc}); log {log_path}; last lines:\n{tail}")
+
+
+def _progress_bar(line: str) -> bool:
+    # tqdm, with a total ("sdvit:  96%|█████▌| 240/250 [00:30<00:01, 7.99step/s]") or without
+    # ("preparing data: 800rec [00:01, 612.3rec/s]")
+    return re.search(r"\d%\||\[\d+:\d\d(<[\d:?]+)?, ", line) is not None
 
 
 def _noise(line: str) -> bool:

@@ -1,0 +1,274 @@
+"""The GPU evidence jobs of docs/gpu-runbook.md, by name, for the device machine's calls.
+
+    python3 scripts/gpu_jobs.py list                       # names, expected seconds, what each shows
+    python3 scripts/gpu_jobs.py run cost15 fp32            # on the GPU machine, after the kit's setup
+
+Each job runs from the repository root with its output teed to ``$OUT/<job>.log`` (the log comes
+back even when the call times out) and its result folder packed into ``$OUT/<job>.tgz``: the device
+tool returns at most 8 files, at most two folders deep, so one log and one archive per job keeps
+four jobs per call within that. Jobs of one call run in order; a failed job does not stop the next
+one, and the exit status is the number of failed jobs. The machine's own environment
+(``. /tmp/site/gpu-env.sh``) must be sourced first, as the runbook's calls do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COST = ["python3", "-m", "benchmarks.cost"]
+QWEN15, QWEN05 = "qwen2.5-vl-7b/qwen2.5-1.5b", "qwen2.5-vl-7b/qwen2.5-0.5b"
+GRID = ["--batch-sizes", "1", "8", "--compile-backend", "eager"]
+PYTEST = ["python3", "-m", "pytest", "-q", "-s", "-rs"]
+WORLD = ["python3", "-m", "benchmarks.world", "run", "--out", "runs/world"]
+
+
+@dataclass(frozen=True)
+class Job:
+    argv: tuple[str, ...]  # "{out}" is replaced by the job's result folder
+    seconds: int  # expected wall time on one H200 (nvidia-h200-x2 for the multi-GPU jobs)
+    shows: str
+    results: str | None = "{out}"  # what goes into $OUT/<job>.tgz (None: nothing)
+
+
+def _cost(preset: str, *args: str) -> tuple[str, ...]:
+    return (*COST, "--preset", preset, *args, "--out", "{out}")
+
+
+JOBS: dict[str, Job] = {
+    "cost15": Job(
+        _cost(
+            QWEN15,
+            "--jobs",
+            "target",
+            "drafter",
+            "stock",
+            "massv-stockloop",
+            "massv",
+            "massv-async",
+            "--gammas",
+            "3",
+            "5",
+            *GRID,
+        ),  # fmt: skip
+        480,
+        "fast drafting before/after, Qwen2.5-VL-7B + 1.5B, γ 3 and 5, B 1 and 8 (issues 12, 15.6)",
+    ),
+    "cost05": Job(
+        _cost(
+            QWEN05,
+            "--jobs",
+            "target",
+            "drafter",
+            "stock",
+            "massv-stockloop",
+            "massv",
+            "massv-async",
+            "--gammas",
+            "3",
+            "5",
+            *GRID,
+        ),  # fmt: skip
+        480,
+        "the same with Qwen2.5-0.5B",
+    ),
+    "parallel": Job(
+        _cost(
+            QWEN15, "--jobs", "target", "drafter", "massv", "massv-parallel", "--gammas", "3", "5", "7", *GRID
+        ),
+        420,
+        "parallel drafting's forced-acceptance speed-up and ceiling (issue 13)",
+    ),
+    "fullgraph": Job(
+        _cost(
+            QWEN15,
+            "--jobs",
+            "target",
+            "drafter",
+            "massv",
+            "massv-async",
+            "massv-fullgraph",
+            "massv-fullgraph-async",
+            "--gammas",
+            "5",
+            *GRID,
+        ),  # fmt: skip
+        360,
+        "the first draft pass as a full CUDA graph, beside the default loop (issue 12)",
+    ),
+    "gemma": Job(
+        _cost(
+            "gemma3-12b/gemma3-1b",
+            "--jobs",
+            "target",
+            "drafter",
+            "stock",
+            "massv",
+            "massv-async",
+            "--gammas",
+            "5",
+            *GRID,
+        ),  # fmt: skip
+        420,
+        "Gemma3-12B + Gemma3-1B shapes (issue 12)",
+    ),
+    "profile": Job(
+        _cost(
+            QWEN15,
+            "--jobs",
+            "target",
+            "drafter",
+            "stock",
+            "massv",
+            "massv-async",
+            "--gammas",
+            "5",
+            *GRID,
+            "--profile",
+            "6",
+        ),  # fmt: skip
+        420,
+        "where a spec step's time goes, per phase (issue 12)",
+    ),
+    "fp32": Job(
+        (*PYTEST, "tests/gpu/test_massv_gpu.py", "-k", "float32 or parallel"),
+        450,
+        "T=0 lossless with accepted drafts, both families, float32, sequential and parallel drafting "
+        "(issues 12-14, 17)",
+        None,
+    ),
+    "bf16": Job(
+        (*PYTEST, "tests/gpu/test_massv_gpu.py", "-k", "bfloat16"),
+        360,
+        "bf16 divergences with the reference's top-2 logit gap (issue 15.2)",
+        None,
+    ),
+    "serve": Job(
+        (*PYTEST, "tests/gpu/test_serve_gpu.py", "tests/gpu/test_compile_cache_gpu.py"),
+        420,
+        "vllm serve with an image + /metrics, the three serve forms; engines in any order with the "
+        "compile cache on (issues 15.1, 15.7, 18)",
+        None,
+    ),
+    "scale": Job(
+        (*PYTEST, "tests/gpu/test_lossless_scale.py", "tests/gpu/test_load.py"),
+        540,
+        "200 mixed prompts at batch 1 and 64; 200 concurrent requests with 20 cancellations (issue 15.4)",
+        None,
+    ),
+    "world1": Job(
+        (*WORLD, "--until", "drafters"), 420, "world, target, small LM, drafters (issue 15.5)", None
+    ),
+    "world2": Job(
+        (*WORLD, "--until", "parallel"), 480, "phase 1, generate, SDViT, the parallel drafter", None
+    ),
+    "world3": Job(WORLD, 300, "ablation (5 engines) and TVD; the summary", "runs/world/summary.json"),
+    "world-old-loop": Job(
+        (
+            "python3",
+            "-m",
+            "benchmarks.ablation",
+            "--target",
+            "runs/world/target",
+            "--eval",
+            "runs/world/world/eval.json",
+            "--drafters",
+            "massv=runs/world/sdvit/drafter",
+            "--gamma",
+            "5",
+            "--temperatures",
+            "0",
+            "--no-tvd",
+            "--out",
+            "{out}",
+        ),  # fmt: skip
+        150,
+        "MASSV's MAL on vLLM's own draft loop (run with MASSV_FAST_DRAFT=0), for the 3 % check (issue 12)",
+    ),
+    "multigpu": Job(
+        (*PYTEST, "tests/test_multiproc.py", "tests/gpu/test_multigpu.py"),
+        540,
+        "TP=2 lossless + MAL, TP=2 server, deepspeed --num_gpus 2 ZeRO-2/3 with kill + resume (issue 16)",
+        None,
+    ),
+    "cost-tp2": Job(
+        _cost(
+            "qwen2.5-vl-32b/qwen2.5-1.5b",
+            "--engine-arg",
+            "tensor_parallel_size=2",
+            "--jobs",
+            "target",
+            "drafter",
+            "stock",
+            "massv",
+            "massv-async",
+            "--gammas",
+            "5",
+            *GRID,
+        ),  # fmt: skip
+        480,
+        "the cost at TP=2, Qwen2.5-VL-32B shapes (issue 16)",
+    ),
+}
+
+
+def command(name: str, out: Path) -> list[str]:
+    return [a.replace("{out}", str(out / name)) for a in JOBS[name].argv]
+
+
+def run_job(name: str, out: Path) -> int:
+    """Run one job into ``out``; returns its exit status."""
+    job = JOBS[name]
+    cmd = command(name, out)
+    log = out / f"{name}.log"
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+        rc = proc.wait()
+        f.write(f"[gpu_jobs] {name}: exit {rc} after {time.monotonic() - t0:.0f} s\n")
+    if job.results:
+        src = Path(job.results.replace("{out}", str(out / name)))
+        src = src if src.is_absolute() else REPO / src
+        if src.exists():
+            with tarfile.open(out / f"{name}.tgz", "w:gz") as tar:
+                tar.add(src, arcname=src.name)
+    print(f"[gpu_jobs] {name}: exit {rc} after {time.monotonic() - t0:.0f} s (log {log})", flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="the jobs")
+    r = sub.add_parser("run", help="run jobs in order")
+    r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
+    a = p.parse_args(argv)
+    if a.cmd == "list":
+        for name, job in JOBS.items():
+            print(f"{name:15s} ~{job.seconds:4d} s  {job.shows}")
+        return 0
+    total = sum(JOBS[n].seconds for n in a.jobs)
+    if total > 560:  # one device call ends at 600 s
+        print(
+            f"[gpu_jobs] warning: these jobs are expected to take ~{total} s, more than one call", flush=True
+        )
+    out = Path(os.environ.get("OUT") or REPO / "gpu-out")
+    out.mkdir(parents=True, exist_ok=True)
+    return sum(run_job(n, out) != 0 for n in a.jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""scripts/gpu_jobs.py: every job the next GPU session runs is a command its program accepts, and a
+job's log and results come back as the device tool returns them (one log + one archive)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+gpu_jobs = importlib.import_module("gpu_jobs")
+
+
+def _module_main(module: str):
+    if module == "benchmarks.world":
+        from benchmarks.world.__main__ import main
+    else:
+        main = importlib.import_module(module).main
+    return main
+
+
+@pytest.mark.parametrize("name", [n for n, j in gpu_jobs.JOBS.items() if j.argv[2] != "pytest"])
+def test_each_benchmark_job_parses(name, tmp_path):
+    argv = gpu_jobs.command(name, tmp_path)
+    assert argv[:2] == ["python3", "-m"]
+    # argparse reads every option before it meets --help: a wrong preset, job or flag exits with 2.
+    with pytest.raises(SystemExit) as e:
+        _module_main(argv[2])([*argv[3:], "--help"])
+    assert e.value.code == 0, argv
+
+
+@pytest.mark.parametrize("name", [n for n, j in gpu_jobs.JOBS.items() if j.argv[2] == "pytest"])
+def test_each_test_job_selects_tests(name, tmp_path):
+    argv = gpu_jobs.command(name, tmp_path)
+    args = [a for a in argv[3:] if a not in ("-q", "-s", "-rs")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    m = re.search(r"(\d+)(?:/\d+)? tests? collected", proc.stdout)
+    assert proc.returncode == 0 and m and int(m.group(1)) > 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_jobs_fit_a_device_call():
+    for name, job in gpu_jobs.JOBS.items():
+        assert job.seconds <= 560, name  # one call ends at 600 s
+
+
+def test_a_job_leaves_its_log_and_results_archive_and_failures_are_counted(tmp_path, monkeypatch):
+    write = "import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True); (p/'r.json').write_text('{}'); print('hello')"
+    monkeypatch.setitem(gpu_jobs.JOBS, "ok", gpu_jobs.Job((sys.executable, "-c", write, "{out}"), 1, "test"))
+    monkeypatch.setitem(
+        gpu_jobs.JOBS, "bad", gpu_jobs.Job((sys.executable, "-c", "raise SystemExit(3)"), 1, "test", None)
+    )
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_jobs.main(["run", "ok", "bad", "ok"]) == 1
+    log = (tmp_path / "ok.log").read_text()
+    assert "hello" in log and "ok: exit 0" in log
+    assert "bad: exit 3" in (tmp_path / "bad.log").read_text() and not (tmp_path / "bad.tgz").exists()
+    with tarfile.open(tmp_path / "ok.tgz") as tar:
+        assert tar.getnames() == ["ok", "ok/r.json"]

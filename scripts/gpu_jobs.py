@@ -153,7 +153,7 @@ JOBS: dict[str, Job] = {
     ),
     "serve": Job(
         (*PYTEST, "tests/gpu/test_serve_gpu.py", "tests/gpu/test_compile_cache_gpu.py"),
-        420,
+        540,
         "vllm serve with an image + /metrics, the three serve forms; engines in any order with the "
         "compile cache on (issues 15.1, 15.7, 18)",
         None,

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[gpu_jobs] warning: these jobs are expected to take ~{total} s, more than one call", flush=True
         )
-    out = Path(os.environ.get("OUT") or REPO / "gpu-out")
+    out = Path(os.environ.get("OUT") or REPO / "runs" / "gpu-out")  # $OUT on the device machine
     out.mkdir(parents=True, exist_ok=True)
     return sum(run_job(n, out) != 0 for n in a.jobs)
 

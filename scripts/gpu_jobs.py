@@ -29,6 +29,12 @@ QWEN15, QWEN05 = "qwen2.5-vl-7b/qwen2.5-1.5b", "qwen2.5-vl-7b/qwen2.5-0.5b"
 GRID = ["--batch-sizes", "1", "8", "--compile-backend", "eager"]
 PYTEST = ["python3", "-m", "pytest", "-q", "-s", "-rs"]
 WORLD = ["python3", "-m", "benchmarks.world", "run", "--out", "runs/world"]
+# The world's MASSV drafter alone at T=0 (the world's own ablation runs eager: no CUDA graphs).
+WORLD_ABLATION = (
+    "python3 -m benchmarks.ablation --target runs/world/target --eval runs/world/world/eval.json "
+    "--drafters massv=runs/world/sdvit/drafter --gamma 5 --temperatures 0 --no-tvd "
+    "--engine-arg max_model_len=4096"
+)
 
 
 @dataclass(frozen=True)
@@ -39,102 +45,38 @@ class Job:
     results: str | None = "{out}"  # what goes into $OUT/<job>.tgz (None: nothing)
 
 
-def _cost(preset: str, *args: str) -> tuple[str, ...]:
-    return (*COST, "--preset", preset, *args, "--out", "{out}")
+def _cost(preset: str, jobs: str, gammas: str, *extra: str) -> tuple[str, ...]:
+    """A ``benchmarks.cost`` run at B = 1 and 8 with the eager compile backend (the runbook's grid)."""
+    return (*COST, "--preset", preset, "--jobs", *jobs.split(), "--gammas", *gammas.split(), *GRID,
+            *extra, "--out", "{out}")  # fmt: skip
 
+
+BEFORE_AFTER = "target drafter stock massv-stockloop massv massv-async"
 
 JOBS: dict[str, Job] = {
     "cost15": Job(
-        _cost(
-            QWEN15,
-            "--jobs",
-            "target",
-            "drafter",
-            "stock",
-            "massv-stockloop",
-            "massv",
-            "massv-async",
-            "--gammas",
-            "3",
-            "5",
-            *GRID,
-        ),  # fmt: skip
+        _cost(QWEN15, BEFORE_AFTER, "3 5"),
         480,
         "fast drafting before/after, Qwen2.5-VL-7B + 1.5B, γ 3 and 5, B 1 and 8 (issues 12, 15.6)",
     ),
-    "cost05": Job(
-        _cost(
-            QWEN05,
-            "--jobs",
-            "target",
-            "drafter",
-            "stock",
-            "massv-stockloop",
-            "massv",
-            "massv-async",
-            "--gammas",
-            "3",
-            "5",
-            *GRID,
-        ),  # fmt: skip
-        480,
-        "the same with Qwen2.5-0.5B",
-    ),
+    "cost05": Job(_cost(QWEN05, BEFORE_AFTER, "3 5"), 480, "the same with Qwen2.5-0.5B"),
     "parallel": Job(
-        _cost(
-            QWEN15, "--jobs", "target", "drafter", "massv", "massv-parallel", "--gammas", "3", "5", "7", *GRID
-        ),
+        _cost(QWEN15, "target drafter massv massv-parallel", "3 5 7"),
         420,
         "parallel drafting's forced-acceptance speed-up and ceiling (issue 13)",
     ),
     "fullgraph": Job(
-        _cost(
-            QWEN15,
-            "--jobs",
-            "target",
-            "drafter",
-            "massv",
-            "massv-async",
-            "massv-fullgraph",
-            "massv-fullgraph-async",
-            "--gammas",
-            "5",
-            *GRID,
-        ),  # fmt: skip
+        _cost(QWEN15, "target drafter massv massv-async massv-fullgraph massv-fullgraph-async", "5"),
         360,
         "the first draft pass as a full CUDA graph, beside the default loop (issue 12)",
     ),
     "gemma": Job(
-        _cost(
-            "gemma3-12b/gemma3-1b",
-            "--jobs",
-            "target",
-            "drafter",
-            "stock",
-            "massv",
-            "massv-async",
-            "--gammas",
-            "5",
-            *GRID,
-        ),  # fmt: skip
+        _cost("gemma3-12b/gemma3-1b", "target drafter stock massv massv-async", "5"),
         420,
         "Gemma3-12B + Gemma3-1B shapes (issue 12)",
     ),
     "profile": Job(
-        _cost(
-            QWEN15,
-            "--jobs",
-            "target",
-            "drafter",
-            "stock",
-            "massv",
-            "massv-async",
-            "--gammas",
-            "5",
-            *GRID,
-            "--profile",
-            "6",
-        ),  # fmt: skip
+        _cost(QWEN15, "target drafter stock massv massv-async", "5", "--profile", "6"),
         420,
         "where a spec step's time goes, per phase (issue 12)",
     ),
@@ -171,27 +113,14 @@ JOBS: dict[str, Job] = {
         (*WORLD, "--until", "parallel"), 480, "phase 1, generate, SDViT, the parallel drafter", None
     ),
     "world3": Job(WORLD, 300, "ablation (5 engines) and TVD; the summary", "runs/world/summary.json"),
-    "world-old-loop": Job(
+    "world-loops": Job(
         (
-            "python3",
-            "-m",
-            "benchmarks.ablation",
-            "--target",
-            "runs/world/target",
-            "--eval",
-            "runs/world/world/eval.json",
-            "--drafters",
-            "massv=runs/world/sdvit/drafter",
-            "--gamma",
-            "5",
-            "--temperatures",
-            "0",
-            "--no-tvd",
-            "--out",
-            "{out}",
-        ),  # fmt: skip
-        150,
-        "MASSV's MAL on vLLM's own draft loop (run with MASSV_FAST_DRAFT=0), for the 3 % check (issue 12)",
+            "bash",
+            "-c",
+            f"MASSV_FAST_DRAFT=0 {WORLD_ABLATION} --out {{out}}/old && {WORLD_ABLATION} --out {{out}}/new",
+        ),
+        330,
+        "the world's MASSV MAL on vLLM's own draft loop and on the new one, CUDA graphs on (issue 12's 3 % check)",
     ),
     "multigpu": Job(
         (*PYTEST, "tests/test_multiproc.py", "tests/gpu/test_multigpu.py"),
@@ -202,17 +131,10 @@ JOBS: dict[str, Job] = {
     "cost-tp2": Job(
         _cost(
             "qwen2.5-vl-32b/qwen2.5-1.5b",
+            "target drafter stock massv massv-async",
+            "5",
             "--engine-arg",
             "tensor_parallel_size=2",
-            "--jobs",
-            "target",
-            "drafter",
-            "stock",
-            "massv",
-            "massv-async",
-            "--gammas",
-            "5",
-            *GRID,
         ),  # fmt: skip
         480,
         "the cost at TP=2, Qwen2.5-VL-32B shapes (issue 16)",

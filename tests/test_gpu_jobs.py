@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -25,17 +26,25 @@ def _module_main(module: str):
     return main
 
 
-@pytest.mark.parametrize("name", [n for n, j in gpu_jobs.JOBS.items() if j.argv[2] != "pytest"])
+def _python_commands(argv: list[str]) -> list[list[str]]:
+    """The ``python3 -m MODULE ...`` command lines of a job (``bash -c "A && B"`` holds several)."""
+    if argv[0] != "bash":
+        return [argv]
+    cmds = [shlex.split(part) for part in argv[2].split("&&")]
+    return [c[next(i for i, t in enumerate(c) if t == "python3") :] for c in cmds]  # drop VAR=value
+
+
+@pytest.mark.parametrize("name", [n for n, j in gpu_jobs.JOBS.items() if "pytest" not in j.argv])
 def test_each_benchmark_job_parses(name, tmp_path):
-    argv = gpu_jobs.command(name, tmp_path)
-    assert argv[:2] == ["python3", "-m"]
-    # argparse reads every option before it meets --help: a wrong preset, job or flag exits with 2.
-    with pytest.raises(SystemExit) as e:
-        _module_main(argv[2])([*argv[3:], "--help"])
-    assert e.value.code == 0, argv
+    for argv in _python_commands(gpu_jobs.command(name, tmp_path)):
+        assert argv[:2] == ["python3", "-m"]
+        # argparse reads every option before it meets --help: a wrong preset, job or flag exits 2.
+        with pytest.raises(SystemExit) as e:
+            _module_main(argv[2])([*argv[3:], "--help"])
+        assert e.value.code == 0, argv
 
 
-@pytest.mark.parametrize("name", [n for n, j in gpu_jobs.JOBS.items() if j.argv[2] == "pytest"])
+@pytest.mark.parametrize("name", [n for n, j in gpu_jobs.JOBS.items() if "pytest" in j.argv])
 def test_each_test_job_selects_tests(name, tmp_path):
     argv = gpu_jobs.command(name, tmp_path)
     args = [a for a in argv[3:] if a not in ("-q", "-s", "-rs")]

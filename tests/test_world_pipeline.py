@@ -5,7 +5,8 @@ artefacts (answers, counter deltas, training logs). They are real: the target re
 ordering, text-only < MASSV without SDViT <= MASSV, with T=0 outputs identical to the target's.
 
 Starts 6 vLLM engines in-process (generation + the ablation's no-speculation baseline and four
-drafters): about 4-5 minutes on 2 idle cores, most of it the target's training (~2.5 min).
+drafters): about 6 minutes on 2 idle cores, most of it the target (~2 min) and the parallel drafter's
+(~1.7 min) training.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ CPU demo, what a machine without a GPU runs) and ``small`` (a smoke test).
 split between the commands are in README.md): a ~20M-parameter Qwen2.5-VL target trained from
 scratch for at most ``target.time_budget_s``, a ~4M-parameter Qwen2 small LM, and short drafter
 training, on the full world (``WorldSpec()``). ``demo`` runs the same stages on a reduced world
-(``DEMO.spec``) in about 4 minutes on 2 CPU cores, with real results: the target reads the image
+(``DEMO.spec``) in about 6 minutes on 2 CPU cores, with real results: the target reads the image
 and the drafters' MAL shows the paper's ordering. ``small`` exercises every stage on the full
 world with tiny models in ~2 minutes; its numbers mean nothing.
 """

@@ -75,6 +75,30 @@ def check_vllm_version() -> str:
     return vllm.__version__
 
 
+def _check_original(original: Callable[..., Any], where: str, expect: tuple[str, ...] | None) -> None:
+    """Refuse a second patching, and a vLLM function whose parameters differ from ``expect``."""
+    if getattr(original, _MARK, False):
+        raise PatchError(f"{where} is already patched by massv-vllm")
+    if expect is not None:
+        found = tuple(inspect.signature(original).parameters)
+        if found != expect:
+            raise PatchError(
+                f"{where} has parameters {found}, but the massv-vllm patch was written for {expect} "
+                f"(vLLM {TARGET_VLLM}); this vLLM build differs"
+            )
+
+
+def _install(
+    owner: Any, name: str, new: Callable[..., Any], original: Callable[..., Any], where: str
+) -> None:
+    new.__doc__ = new.__doc__ or original.__doc__
+    setattr(new, _MARK, True)
+    new.__massv_original__ = original
+    setattr(owner, name, new)
+    _applied.append(where)
+    logger.info("massv-vllm: patched %s", where)
+
+
 def replace_method(
     cls: type,
     name: str,
@@ -88,25 +112,12 @@ def replace_method(
     original = cls.__dict__.get(name)
     if original is None:
         original = getattr(cls, name)  # inherited: wrap the base implementation
-    if getattr(original, _MARK, False):
-        raise PatchError(f"{cls.__qualname__}.{name} is already patched by massv-vllm")
-    if expect is not None:
-        found = tuple(inspect.signature(original).parameters)
-        if found != expect:
-            raise PatchError(
-                f"{cls.__module__}.{cls.__qualname__}.{name} has parameters {found}, but the massv-vllm "
-                f"patch was written for {expect} (vLLM {TARGET_VLLM}); this vLLM build differs"
-            )
+    where = f"{cls.__module__}.{cls.__qualname__}.{name}"
+    _check_original(original, where, expect)
     new = make(original)
     new.__name__ = name
     new.__qualname__ = f"{cls.__qualname__}.{name}"
-    new.__doc__ = new.__doc__ or original.__doc__
-    setattr(new, _MARK, True)
-    new.__massv_original__ = original
-    setattr(cls, name, new)
-    where = f"{cls.__module__}.{cls.__qualname__}.{name}"
-    _applied.append(where)
-    logger.info("massv-vllm: patched %s", where)
+    _install(cls, name, new, original, where)
 
 
 def replace_function(
@@ -122,21 +133,8 @@ def replace_function(
     post-import hook) or patch the importing module's attribute too."""
     original = getattr(module, name)
     where = f"{module.__name__}.{name}"
-    if getattr(original, _MARK, False):
-        raise PatchError(f"{where} is already patched by massv-vllm")
-    found = tuple(inspect.signature(original).parameters)
-    if found != expect:
-        raise PatchError(
-            f"{where} has parameters {found}, but the massv-vllm patch was written for {expect} "
-            f"(vLLM {TARGET_VLLM}); this vLLM build differs"
-        )
-    new = make(original)
-    new.__doc__ = new.__doc__ or original.__doc__
-    setattr(new, _MARK, True)
-    new.__massv_original__ = original
-    setattr(module, name, new)
-    _applied.append(where)
-    logger.info("massv-vllm: patched %s", where)
+    _check_original(original, where, expect)
+    _install(module, name, make(original), original, where)
     return original
 
 

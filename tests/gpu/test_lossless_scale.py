@@ -165,18 +165,16 @@ def test_mirror_drafts_are_accepted(dtype, request):
 
 
 @EACH_DRAFTER
-def test_fp32_lossless_batch_1(fp32, drafter):
-    check(fp32["ref"].single, fp32[drafter].single, FP32_TIE, f"fp32 batch 1, {drafter}")
-
-
-@EACH_DRAFTER
-def test_fp32_lossless_batched(fp32, drafter):
-    check(fp32["ref"].batched, fp32[drafter].batched, FP32_TIE, f"fp32 batch 64, {drafter}")
-
-
-@EACH_DRAFTER
-def test_fp32_lossless_with_sampled_requests_in_the_batch(fp32, drafter):
-    check(fp32["ref"].batched, fp32[drafter].mixed, FP32_TIE, f"fp32 batch 64 + sampled, {drafter}")
+@pytest.mark.parametrize(
+    "ref_run, run, what",
+    [
+        ("single", "single", "batch 1"),
+        ("batched", "batched", "batch 64"),
+        ("batched", "mixed", "batch 64 + sampled"),  # sampled requests in the batch
+    ],
+)
+def test_fp32_lossless(fp32, drafter, ref_run, run, what):
+    check(getattr(fp32["ref"], ref_run), getattr(fp32[drafter], run), FP32_TIE, f"fp32 {what}, {drafter}")
 
 
 @EACH_DRAFTER

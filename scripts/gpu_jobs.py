@@ -4,9 +4,10 @@
     python3 scripts/gpu_jobs.py run cost15 fp32            # on the GPU machine, after the kit's setup
 
 Each job runs from the repository root with its output teed to ``$OUT/<job>.log`` (the log comes
-back even when the call times out) and its result folder packed into ``$OUT/<job>.tgz``: the device
-tool returns at most 8 files, at most two folders deep, so one log and one archive per job keeps
-four jobs per call within that. Jobs of one call run in order; a failed job does not stop the next
+back even when the call times out) and to stdout (the call's output tail). Its results are written
+outside ``$OUT`` (``runs/gpu-jobs/<job>``, or ``$GPU_JOBS_WORK/<job>``) and packed into
+``$OUT/<job>.tgz``: the device tool returns at most 8 files, at most two folders deep, so one log
+and one archive per job keeps four jobs per call within that. Jobs of one call run in order; a failed job does not stop the next
 one, and the exit status is the number of failed jobs. The machine's own environment
 (``. /tmp/site/gpu-env.sh``) must be sourced first, as the runbook's calls do.
 """
@@ -135,21 +136,22 @@ JOBS: dict[str, Job] = {
             "5",
             "--engine-arg",
             "tensor_parallel_size=2",
-        ),  # fmt: skip
+        ),
         480,
         "the cost at TP=2, Qwen2.5-VL-32B shapes (issue 16)",
     ),
 }
 
 
-def command(name: str, out: Path) -> list[str]:
-    return [a.replace("{out}", str(out / name)) for a in JOBS[name].argv]
+def command(name: str, work: Path) -> list[str]:
+    """The job's command line, its results going to ``work/<name>``."""
+    return [a.replace("{out}", str(work / name)) for a in JOBS[name].argv]
 
 
-def run_job(name: str, out: Path) -> int:
-    """Run one job into ``out``; returns its exit status."""
+def run_job(name: str, out: Path, work: Path) -> int:
+    """Run one job (results in ``work``; log and archive in ``out``); returns its exit status."""
     job = JOBS[name]
-    cmd = command(name, out)
+    cmd = command(name, work)
     log = out / f"{name}.log"
     t0 = time.monotonic()
     with open(log, "w") as f:
@@ -159,10 +161,11 @@ def run_job(name: str, out: Path) -> int:
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
+            sys.stdout.write(line)
         rc = proc.wait()
         f.write(f"[gpu_jobs] {name}: exit {rc} after {time.monotonic() - t0:.0f} s\n")
     if job.results:
-        src = Path(job.results.replace("{out}", str(out / name)))
+        src = Path(job.results.replace("{out}", str(work / name)))
         src = src if src.is_absolute() else REPO / src
         if src.exists():
             with tarfile.open(out / f"{name}.tgz", "w:gz") as tar:
@@ -188,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             f"[gpu_jobs] warning: these jobs are expected to take ~{total} s, more than one call", flush=True
         )
     out = Path(os.environ.get("OUT") or REPO / "runs" / "gpu-out")  # $OUT on the device machine
+    work = Path(os.environ.get("GPU_JOBS_WORK") or REPO / "runs" / "gpu-jobs")
     out.mkdir(parents=True, exist_ok=True)
-    return sum(run_job(n, out) != 0 for n in a.jobs)
+    work.mkdir(parents=True, exist_ok=True)
+    return sum(run_job(n, out, work) != 0 for n in a.jobs)
 
 
 if __name__ == "__main__":

@@ -64,14 +64,18 @@ def test_jobs_fit_a_device_call():
         assert job.seconds <= 560, name  # one call ends at 600 s
 
 
-def test_a_job_leaves_its_log_and_results_archive_and_failures_are_counted(tmp_path, monkeypatch):
+def test_a_job_leaves_its_log_and_results_archive_and_failures_are_counted(tmp_path, monkeypatch, capsys):
     write = "import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True); (p/'r.json').write_text('{}'); print('hello')"
     monkeypatch.setitem(gpu_jobs.JOBS, "ok", gpu_jobs.Job((sys.executable, "-c", write, "{out}"), 1, "test"))
     monkeypatch.setitem(
         gpu_jobs.JOBS, "bad", gpu_jobs.Job((sys.executable, "-c", "raise SystemExit(3)"), 1, "test", None)
     )
     monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
     assert gpu_jobs.main(["run", "ok", "bad", "ok"]) == 1
+    # only logs and archives land in $OUT (the device tool returns at most 8 files from it)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.log", "ok.log", "ok.tgz", "work"]
+    assert capsys.readouterr().out.count("hello") == 2  # teed to the call's output too
     log = (tmp_path / "ok.log").read_text()
     assert "hello" in log and "ok: exit 0" in log
     assert "bad: exit 3" in (tmp_path / "bad.log").read_text() and not (tmp_path / "bad.tgz").exists()

@@ -279,16 +279,14 @@ def _train_args(run: Run, epochs: float, batch: int, lr: float) -> list[Any]:
     ]  # fmt: skip
 
 
-def _cpu_threads(run: Run) -> int | None:
-    import torch
-
-    return None if torch.cuda.is_available() else run.sizes.cpu_threads
-
-
 def _on_cpu() -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def _cpu_threads(run: Run) -> int | None:
+    return run.sizes.cpu_threads if _on_cpu() else None
 
 
 def _phase1(run: Run, stage: str, out: str, extra: Sequence[Any] = ()) -> dict[str, Any]:
@@ -646,7 +644,6 @@ def build_summary(run: Run, why: str, ran: dict[str, float]) -> dict[str, Any]:
 
 # The paper's ordering of the drafters' MAL at T=0: MASSV's two steps each help.
 ORDER = ("text-only", "massv-no-sdvit", "massv")
-ORDER_NAMES = {"text-only": "text-only", "massv-no-sdvit": "MASSV without SDViT", "massv": "MASSV"}
 
 
 def mal_order(ablation: dict[str, Any] | None) -> dict[str, Any] | None:

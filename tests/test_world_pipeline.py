@@ -162,8 +162,9 @@ def test_mal_comes_from_the_counter_deltas_and_shows_the_papers_ordering(run):
     sequential = {d: mal_t0[d] for d in DRAFTERS}
     assert summary["mal_order"] == {"mal": pytest.approx(sequential), "ordered": True}
     assert ": the paper's ordering" in stdout
-    # The parallel drafter drafts all γ tokens in one forward and still gets drafts accepted.
-    assert mal_t0[PARALLEL] > 1.5, mal_t0
+    # Lossless with accepted drafts: the trained MASSV drafters' drafts are mostly taken (CPU demo,
+    # seed 0: MASSV 3.62, parallel 3.54 at γ=5), not just an equality with every draft rejected.
+    assert mal_t0["massv"] > 2.5 and mal_t0[PARALLEL] > 2.5, mal_t0
     ratio = summary["parallel_vs_sequential"]["T=0"]
     assert ratio["ratio"] == pytest.approx(mal_t0[PARALLEL] / mal_t0["massv"])
     assert f"vs {mal_t0['massv']:.2f} sequential" in stdout

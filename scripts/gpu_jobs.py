@@ -15,11 +15,14 @@ one, and the exit status is the number of failed jobs. The machine's own environ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +151,12 @@ def command(name: str, work: Path) -> list[str]:
     return [a.replace("{out}", str(work / name)) for a in JOBS[name].argv]
 
 
-def run_job(name: str, out: Path, work: Path) -> int:
-    """Run one job (results in ``work``; log and archive in ``out``); returns its exit status."""
+def run_job(name: str, out: Path, work: Path, deadline: float | None = None) -> int:
+    """Run one job (results in ``work``; log and archive in ``out``); returns its exit status.
+
+    At ``deadline`` (a ``time.monotonic()`` value) the job's process group is killed and what it
+    wrote so far is still archived: the device call's own limit would lose the archive.
+    """
     job = JOBS[name]
     cmd = command(name, work)
     log = out / f"{name}.log"
@@ -157,12 +164,21 @@ def run_job(name: str, out: Path, work: Path) -> int:
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        timer = None
+        if deadline is not None:
+            timer = threading.Timer(max(0.0, deadline - t0), _kill_group, (proc, name))
+            timer.start()
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
-            sys.stdout.write(line)
+            # Two jobs may share the call's output tail (one per GPU): tag their lines.
+            sys.stdout.write(f"[{name}] {line}")
         rc = proc.wait()
+        if timer is not None:
+            timer.cancel()
         f.write(f"[gpu_jobs] {name}: exit {rc} after {time.monotonic() - t0:.0f} s\n")
     if job.results:
         src = Path(job.results.replace("{out}", str(work / name)))
@@ -174,12 +190,24 @@ def run_job(name: str, out: Path, work: Path) -> int:
     return rc
 
 
+def _kill_group(proc: subprocess.Popen, name: str) -> None:
+    print(f"[gpu_jobs] {name}: time limit reached, killing it", flush=True)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the jobs")
     r = sub.add_parser("run", help="run jobs in order")
     r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
+    r.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds for all the jobs together; a job still running then is killed and archived",
+    )
     a = p.parse_args(argv)
     if a.cmd == "list":
         for name, job in JOBS.items():
@@ -194,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(os.environ.get("GPU_JOBS_WORK") or REPO / "runs" / "gpu-jobs")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    return sum(run_job(n, out, work) != 0 for n in a.jobs)
+    deadline = None if a.time_limit is None else time.monotonic() + a.time_limit
+    return sum(run_job(n, out, work, deadline) != 0 for n in a.jobs)
 
 
 if __name__ == "__main__":

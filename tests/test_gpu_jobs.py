@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,21 @@ def test_a_job_leaves_its_log_and_results_archive_and_failures_are_counted(tmp_p
     assert "bad: exit 3" in (tmp_path / "bad.log").read_text() and not (tmp_path / "bad.tgz").exists()
     with tarfile.open(tmp_path / "ok.tgz") as tar:
         assert tar.getnames() == ["ok", "ok/r.json"]
+
+
+def test_a_job_past_the_time_limit_is_killed_and_its_partial_results_archived(tmp_path, monkeypatch):
+    # writes one result, then hangs (a child process too: the whole group must go)
+    hang = (
+        "import pathlib,subprocess,sys,time; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True);"
+        " (p/'first.json').write_text('{}'); print('wrote', flush=True);"
+        " subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"
+    )
+    monkeypatch.setitem(gpu_jobs.JOBS, "hang", gpu_jobs.Job((sys.executable, "-c", hang, "{out}"), 1, "test"))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
+    t0 = time.monotonic()
+    assert gpu_jobs.main(["run", "hang", "--time-limit", "3"]) == 1
+    assert time.monotonic() - t0 < 30  # the hanging child did not keep the pipe open
+    assert "hang: exit -9" in (tmp_path / "hang.log").read_text()
+    with tarfile.open(tmp_path / "hang.tgz") as tar:
+        assert tar.getnames() == ["hang", "hang/first.json"]

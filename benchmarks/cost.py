@@ -18,7 +18,8 @@ starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
   as a full graph too (``MASSV_FAST_DRAFT_FIRST_PASS=1``);
 * ``massv-parallel``: ``massv`` with ``"parallel_drafting": true`` (one drafter forward proposes all
   γ tokens; the drafter folder names a mask token, ``pard_token``). Its ceiling counts one drafter
-  forward, approximated by the drafter's own decode step time.
+  forward, approximated by the drafter's own decode step time; ``massv-parallel-async`` the same with
+  ``async_scheduling=True``.
 
 ``--profile N`` also profiles N decode steps of every speculative engine at each batch size (torch
 profiler in the worker, ``benchmarks.cost_ext.CostProbe``) and reports host and GPU milliseconds
@@ -32,8 +33,11 @@ also shows the analytical ceiling τ/(γ·c + 1) at the MALs given with ``--mal`
 text-only and MASSV on Qwen2.5-VL-7B in the paper) and at τ = γ + 1 (100% acceptance), next to the
 measured one.
 
-Per-step decode time is measured as (time(n + 1 tokens) - time(1 token)) / n for a batch of
-prompts with ``ignore_eos``: prefill and the first token cancel out.
+Decode time per token (TPOT) is the engine's own: vLLM's per-request timestamps of the first and the
+last token (``RequestOutput.metrics``), over n decode tokens with ``ignore_eos``, so prefill stays
+out; a spec engine decodes whole forced-acceptance steps. The median of ``--repeats`` runs is
+reported with their spread; ``wall_tpot_ms`` keeps the older wall-clock estimate,
+(time(n + 1 tokens) - time(1 token)) / n.
 """
 
 from __future__ import annotations
@@ -74,9 +78,10 @@ JOBS = (
     "massv-fullgraph",
     "massv-fullgraph-async",
     "massv-parallel",
+    "massv-parallel-async",
 )
 # Drafter forwards per spec step: γ sequential ones, or one for parallel drafting.
-DRAFT_FORWARDS = {"massv-parallel": lambda gamma: 1}
+DRAFT_FORWARDS = {"massv-parallel": lambda gamma: 1, "massv-parallel-async": lambda gamma: 1}
 # Engine-process environment per job: "massv-stockloop" is MASSV on vLLM's own draft loop (the
 # starting point of the fast-drafting work), "massv" the full-graph loop (patches/_draft_loop.py).
 FIRST_PASS = {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
@@ -87,9 +92,11 @@ JOB_ENV = {
 }
 # Engine arguments per job on top of the shared ones: "massv-async" overlaps the host's scheduling
 # and input preparation with the GPU (vLLM allows async scheduling for draft models when asked).
-JOB_KW = {"massv-async": {"async_scheduling": True}, "massv-fullgraph-async": {"async_scheduling": True}}
+ASYNC = {"async_scheduling": True}
+JOB_KW = {"massv-async": ASYNC, "massv-fullgraph-async": ASYNC, "massv-parallel-async": ASYNC}
 # Speculative-config keys per job on top of the MASSV drafter and γ.
-JOB_SPEC = {"massv-parallel": {"parallel_drafting": True}}
+PARALLEL = {"parallel_drafting": True}
+JOB_SPEC = {"massv-parallel": PARALLEL, "massv-parallel-async": PARALLEL}
 EXTENSION = "benchmarks.cost_ext.CostProbe"
 
 # ---- shapes ------------------------------------------------------------------------------------
@@ -436,30 +443,59 @@ def _timed(llm: Any, prompts: list[Any], max_tokens: int) -> tuple[float, list[A
     return time.perf_counter() - t0, outs
 
 
+def decode_tpot_ms(outs: list[Any]) -> float | None:
+    """Median over requests of the engine's own decode time per output token (ms).
+
+    Taken from vLLM's per-request timestamps (``RequestOutput.metrics``: first and last token, engine
+    core clock), so prefill and the frontend's start-up of ``generate`` stay out of it; None if the
+    engine keeps no stats (``disable_log_stats``)."""
+    per_req = []
+    for o in outs:
+        m = getattr(o, "metrics", None)
+        n = getattr(m, "num_generation_tokens", 0)
+        if m is None or n < 2 or not m.last_token_ts:
+            return None
+        per_req.append((m.last_token_ts - m.first_token_ts) / (n - 1) * 1e3)
+    return statistics.median(per_req) if per_req else None
+
+
 def measure(
-    llm: Any, prompts: list[Any], batch_sizes: list[int], steps: int, repeats: int
+    llm: Any, prompts: list[Any], batch_sizes: list[int], steps: int, repeats: int, tokens_per_step: int = 1
 ) -> list[dict[str, Any]]:
-    """Per batch size: prefill time, decode time per output token (TPOT), MAL and token check."""
+    """Per batch size: prefill time, decode time per output token (TPOT), MAL and token check.
+
+    TPOT is the engine's decode time per token (``decode_tpot_ms``), the median of ``repeats`` runs;
+    ``wall_tpot_ms`` is the older wall-clock estimate (n tokens minus one token, over n), which
+    carries the prefill's run-to-run variance. A spec engine decodes a whole number of forced-
+    acceptance steps (``tokens_per_step`` = γ + 1 tokens each), so no step is cut short by
+    ``max_tokens`` and counted whole."""
+    n = -(-steps // tokens_per_step) * tokens_per_step
     rows = []
     for b in batch_sizes:
         batch = prompts[:b]
-        _timed(llm, batch, steps + 1)  # warm-up at this batch size (graphs, allocator)
-        t1s, tns = [], []
+        _timed(llm, batch, n + 1)  # warm-up at this batch size (graphs, allocator)
+        t1s, tns, engine = [], [], []
         before = SpecCounters.from_llm(llm)
         zero = True
         for _ in range(repeats):
             t1, _ = _timed(llm, batch, 1)
-            tn, outs = _timed(llm, batch, steps + 1)
+            tn, outs = _timed(llm, batch, n + 1)
             t1s.append(t1)
             tns.append(tn)
+            engine.append(decode_tpot_ms(outs))
             zero = zero and all(t == 0 for o in outs for t in o.outputs[0].token_ids)
         delta = SpecCounters.from_llm(llm) - before
         t1, tn = statistics.median(t1s), statistics.median(tns)
+        wall = max(tn - t1, 0.0) / n * 1e3
+        have = [x for x in engine if x is not None]
         rows.append(
             {
                 "batch_size": b,
                 "prefill_s": t1,
-                "tpot_ms": max(tn - t1, 0.0) / steps * 1e3,
+                "tpot_ms": statistics.median(have) if len(have) == len(engine) else wall,
+                "tpot_ms_repeats": have,
+                "wall_tpot_ms": wall,
+                "decode_tokens": n,
                 "mal": delta.mean_accepted_length,
                 "all_tokens_zero": zero,
             }
@@ -500,12 +536,12 @@ def run_job(
             raise RuntimeError(
                 f"could not find the final norms to zero (found {zeroed}); acceptance is not forced"
             )
-        rows = measure(llm, prompts, batch_sizes, steps, repeats)
+        per_step = 1 if spec is None else spec["num_speculative_tokens"] + 1  # forced acceptance
+        rows = measure(llm, prompts, batch_sizes, steps, repeats, per_step)
         profile = {}
         if profile_steps and spec is not None:
             for b in batch_sizes:
                 trace = trace_dir / f"trace-b{b}.json.gz" if trace_dir else None
-                per_step = spec["num_speculative_tokens"] + 1  # forced acceptance
                 profile[str(b)] = profile_decode(llm, prompts[:b], profile_steps, per_step, trace)
     finally:
         shutdown(llm)
@@ -620,7 +656,11 @@ def run_cost(
             spec = {"method": "draft_model", "model": str(shapes.small_lm), "num_speculative_tokens": g}
             plan.append((f"stock-g{g}", shapes.target, spec))
         modes = ("massv-stockloop", "massv", "massv-async", "massv-fullgraph", "massv-fullgraph-async")
-        for mode in (*modes, "massv-parallel"):  # "before" first: saved even if a later one fails
+        for mode in (
+            *modes,
+            "massv-parallel",
+            "massv-parallel-async",
+        ):  # "before" first: saved if a later one fails
             if mode in jobs:
                 spec = massv_spec(str(shapes.drafter), g, **JOB_SPEC.get(mode, {}))
                 plan.append((f"{mode}-g{g}", shapes.target, spec))
@@ -719,6 +759,9 @@ def summarise(
                     "gamma": gamma,
                     "batch_size": b,
                     "tpot_ms": r["tpot_ms"],
+                    # per repeat, so the spread of a cell is on record (older jobs lack them)
+                    "tpot_ms_repeats": r.get("tpot_ms_repeats", []),
+                    "wall_tpot_ms": r.get("wall_tpot_ms", r["tpot_ms"]),
                     "prefill_s": r["prefill_s"],
                     "mal": r["mal"],
                     "all_tokens_zero": r["all_tokens_zero"],
@@ -764,6 +807,8 @@ SCHEMA = {
             "gamma": Opt(int),
             "batch_size": int,
             "tpot_ms": NUM,
+            "tpot_ms_repeats": ListOf(NUM),
+            "wall_tpot_ms": NUM,
             "prefill_s": NUM,
             "mal": Opt(NUM),
             "all_tokens_zero": bool,
@@ -786,6 +831,13 @@ SCHEMA = {
         )
     ),
 }
+
+
+def _spread(xs: list[float]) -> str:
+    """(max - min) / median of a cell's repeats, in percent ("-" with fewer than two)."""
+    if len(xs) < 2:
+        return "-"
+    return f"{(max(xs) - min(xs)) / statistics.median(xs) * 100:.0f}%"
 
 
 def format_report(doc: dict[str, Any]) -> str:
@@ -812,6 +864,7 @@ def format_report(doc: dict[str, Any]) -> str:
                 label,
                 r["batch_size"],
                 fmt(r["tpot_ms"], 3),
+                _spread(r.get("tpot_ms_repeats") or []),
                 fmt(r["mal"]),
                 "yes" if r["all_tokens_zero"] else "NO",
                 fmt(r["speedup_vs_none"]),
@@ -830,6 +883,7 @@ def format_report(doc: dict[str, Any]) -> str:
                 "engine",
                 "B",
                 "TPOT ms",
+                "spread",
                 "MAL",
                 "tokens=0",
                 "speed-up",
@@ -838,7 +892,8 @@ def format_report(doc: dict[str, Any]) -> str:
                 *[f"at MAL {t:.2f}" for t in mals],
             ],
             rows,
-            "end to end at forced 100% acceptance (speed-up over no speculation, same engine settings;"
+            "end to end at forced 100% acceptance (TPOT: engine decode time per token, median of the"
+            " repeats, spread = their (max-min)/median; speed-up over no speculation, same engine settings;"
             " ceiling = (γ+1)·T_target/(T_target+γ·T_drafter); 'at MAL τ' = τ·T_target / measured step)",
         )
     )
@@ -892,8 +947,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS))
     p.add_argument("--gammas", type=int, nargs="+", default=None, help="γ per stock/massv engine (default 5)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 8 32")
-    p.add_argument("--steps", type=int, default=None, help="decode tokens timed per measurement (default 64)")
-    p.add_argument("--repeats", type=int, default=None, help="median of this many measurements (default 3)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="decode tokens timed per measurement (default 128, rounded up to whole spec steps)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="median of this many measurements (default 5)")
     p.add_argument("--prompt-len", type=int, default=64, help="random text tokens per prompt")
     p.add_argument("--image-size", default="448x448", help="WxH of one synthetic image per prompt, or 'none'")
     p.add_argument(
@@ -948,8 +1008,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preset="tiny-qwen" if tiny else a.preset,
         gammas=a.gammas or ([2] if tiny else [5]),
         batch_sizes=a.batch_sizes or ([1, 2] if tiny else [1, 8, 32]),
-        steps=a.steps or (4 if tiny else 64),
-        repeats=a.repeats or (1 if tiny else 3),
+        steps=a.steps or (4 if tiny else 128),
+        repeats=a.repeats or (2 if tiny else 5),
         prompt_len=a.prompt_len if not tiny else min(a.prompt_len, 16),
         image_size=(image and (112, 112)) if tiny else image,
         mals=a.mal,

@@ -6,6 +6,7 @@ Only the last test starts an engine (tiny shapes on CPU, one MASSV engine); it i
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -157,6 +158,20 @@ def test_summary_maths():
     assert "c = drafter/target" in text and "massv γ=5" in text
 
 
+def test_decode_tpot_from_the_engines_request_timestamps():
+    from benchmarks.cost import decode_tpot_ms
+
+    def out(first, last, n):
+        return SimpleNamespace(
+            metrics=SimpleNamespace(first_token_ts=first, last_token_ts=last, num_generation_tokens=n)
+        )
+
+    # per request: 10 ms over 4 tokens after the first = 2.5 ms, 30 ms over 4 = 7.5, 9 ms over 3 = 3.0; median 3.0
+    assert decode_tpot_ms([out(1.0, 1.010, 5), out(2.0, 2.030, 5), out(3.0, 3.009, 4)]) == pytest.approx(3.0)
+    assert decode_tpot_ms([SimpleNamespace(metrics=None)]) is None  # an engine without stats
+    assert decode_tpot_ms([out(1.0, 1.0, 1)]) is None  # one token: no decode time
+
+
 @pytest.mark.engine
 @pytest.mark.slow
 def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
@@ -173,6 +188,14 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     for r in rows:
         assert r["gamma"] == 2 and r["mal"] == pytest.approx(3.0) and r["all_tokens_zero"]
         assert r["tpot_ms"] >= 0 and r["speedup_vs_none"] is None  # no target job in this run
+        # the engine's own decode timings, one per repeat (--tiny: 2), their median is the TPOT
+        assert len(r["tpot_ms_repeats"]) == 2 and all(x > 0 for x in r["tpot_ms_repeats"])
+        assert r["tpot_ms"] == pytest.approx(
+            sorted(r["tpot_ms_repeats"])[0] / 2 + sorted(r["tpot_ms_repeats"])[1] / 2
+        )
+    # 4 decode tokens asked for, γ + 1 = 3 per forced-accepted step: rounded up to 2 whole steps
+    job = json.loads((tmp_path / "jobs" / "massv-g2.json").read_text())
+    assert {row["decode_tokens"] for row in job["rows"]} == {6}
     # rerun: the finished job is reused, no engine
     monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("finished job rerun"))
     again = cost.main(["--tiny", "--jobs", "massv", "--out", str(tmp_path)])

@@ -161,31 +161,79 @@ def test_low_acceptance_lossless_features_and_image_use(tiny, aware, dtype):
         shutdown(llm)
 
 
-def test_parallel_drafting_is_lossless(tiny, mirror, tmp_path):
-    """``"parallel_drafting": true`` (one drafter forward per step, γ slots per request) on the GPU
-    path: T=0 equals no speculation, and the bonus-slot draft is accepted (the mirror's mask row is
-    untrained, so the later positions mostly are not)."""
+@pytest.fixture(scope="module")
+def parallel_mirror(mirror, tmp_path_factory):
+    """The mirror drafter with a mask token for parallel drafting (its row untrained)."""
     import json
     import shutil
 
-    folder = tmp_path / "parallel"
+    folder = tmp_path_factory.mktemp("parallel") / "drafter"
     shutil.copytree(mirror, folder)
     cfg = json.loads((folder / "config.json").read_text())
     cfg["pard_token"] = cfg["vocab_size"] - 1
     (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _mal_line(tag: str, delta: SpecCounters) -> str:
+    return (
+        f"[{tag}] MAL {delta.mean_accepted_length:.3f}, acceptance per position "
+        f"{[round(a, 3) for a in delta.acceptance_per_position]}"
+    )
+
+
+def test_parallel_drafting_is_lossless(tiny, parallel_mirror):
+    """``"parallel_drafting": true`` (one drafter forward per step, γ slots per request) on the GPU
+    path: T=0 equals no speculation, and the bonus-slot draft is accepted (the mirror's mask row is
+    untrained, so the later positions mostly are not)."""
     ref = reference(tiny, "float32")
     llm = make_llm(
-        str(tiny.target), massv_spec(str(folder), GAMMA, parallel_drafting=True), dtype="float32", **KW
+        str(tiny.target),
+        massv_spec(str(parallel_mirror), GAMMA, parallel_drafting=True),
+        dtype="float32",
+        **KW,
     )
     try:
         before = SpecCounters.from_llm(llm)
         outs = greedy(llm, _suite(), max_tokens=24)
         delta = SpecCounters.from_llm(llm) - before
-        print(
-            f"\n[{tiny.family} parallel] MAL {delta.mean_accepted_length:.3f}, acceptance per position "
-            f"{[round(a, 3) for a in delta.acceptance_per_position]}"
-        )
+        print("\n" + _mal_line(f"{tiny.family} parallel", delta))
         check_lossless(tiny, "float32", ref, outs)
         assert delta.acceptance_per_position[0] > 0.8
+    finally:
+        shutdown(llm)
+
+
+@pytest.mark.parametrize("drafting", ["sequential", "parallel"])
+def test_async_scheduling_is_lossless(tiny, mirror, parallel_mirror, drafting):
+    """``async_scheduling=True`` (asked for: vLLM leaves it off for draft models by default) with
+    accepted drafts, float32: T=0 equals no speculation. vLLM's CPU platform always turns async
+    scheduling off, so only a GPU runs this."""
+    if ON_CPU:
+        pytest.skip("vLLM's CPU platform turns async scheduling off")
+    ref = reference(tiny, "float32")
+    folder, extra = (
+        (mirror, {}) if drafting == "sequential" else (parallel_mirror, {"parallel_drafting": True})
+    )
+    llm = make_llm(
+        str(tiny.target),
+        massv_spec(str(folder), GAMMA, **extra),
+        dtype="float32",
+        async_scheduling=True,
+        **KW,
+    )
+    try:
+        assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+        before = SpecCounters.from_llm(llm)
+        outs = greedy(llm, _suite(), max_tokens=24)
+        delta = SpecCounters.from_llm(llm) - before
+        print("\n" + _mal_line(f"{tiny.family} async {drafting}", delta))
+        check_lossless(tiny, "float32", ref, outs)
+        # the mirror's drafts are accepted (image prompts included): sequential drafts all γ
+        # positions well; parallel drafting only its bonus slot (untrained mask row)
+        if drafting == "sequential":
+            assert delta.mean_accepted_length > 3.0, delta
+        else:
+            assert delta.acceptance_per_position[0] > 0.8, delta
     finally:
         shutdown(llm)

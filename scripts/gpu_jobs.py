@@ -65,7 +65,7 @@ JOBS: dict[str, Job] = {
     ),
     "cost05": Job(_cost(QWEN05, BEFORE_AFTER, "3 5"), 480, "the same with Qwen2.5-0.5B"),
     "parallel": Job(
-        _cost(QWEN15, "target drafter massv massv-async massv-parallel massv-parallel-async", "3 5 7"),
+        _cost(QWEN15, "target drafter massv massv-parallel massv-parallel-async", "3 5 7"),
         480,
         "parallel drafting's forced-acceptance speed-up and ceiling (issue 13)",
     ),

@@ -1,7 +1,8 @@
 """The GPU evidence jobs of docs/gpu-runbook.md, by name, for the device machine's calls.
 
     python3 scripts/gpu_jobs.py list                       # names, expected seconds, what each shows
-    python3 scripts/gpu_jobs.py run cost15 fp32            # on the GPU machine, after the kit's setup
+    python3 scripts/gpu_jobs.py run cost15 fp32-qwen       # on the GPU machine, after the kit's setup
+    python3 scripts/gpu_jobs.py lanes async cost15 --time-limit 560   # one job per GPU, side by side
 
 Each job runs from the repository root with its output teed to ``$OUT/<job>.log`` (the log comes
 back even when the call times out) and to stdout (the call's output tail). Its results are written
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+NOISE = re.compile(r"(^| )(INFO|WARNING|DEBUG) \d\d-\d\d |it/s\]$|s/it\]$|^\s*$")
 COST = ["python3", "-m", "benchmarks.cost"]
 QWEN15, QWEN05 = "qwen2.5-vl-7b/qwen2.5-1.5b", "qwen2.5-vl-7b/qwen2.5-0.5b"
 GRID = ["--batch-sizes", "1", "8", "--compile-backend", "eager"]
@@ -183,11 +186,14 @@ def command(name: str, work: Path) -> list[str]:
     return [a.replace("{out}", str(work / name)) for a in JOBS[name].argv]
 
 
-def run_job(name: str, out: Path, work: Path, deadline: float | None = None) -> int:
+def run_job(
+    name: str, out: Path, work: Path, deadline: float | None = None, env: dict[str, str] | None = None
+) -> int:
     """Run one job (results in ``work``; log and archive in ``out``); returns its exit status.
 
     At ``deadline`` (a ``time.monotonic()`` value) the job's process group is killed and what it
-    wrote so far is still archived: the device call's own limit would lose the archive.
+    wrote so far is still archived: the device call's own limit would lose the archive. ``env``
+    is added to the job's environment (a lane's ``CUDA_VISIBLE_DEVICES``).
     """
     job = JOBS[name]
     cmd = command(name, work)
@@ -197,7 +203,13 @@ def run_job(name: str, out: Path, work: Path, deadline: float | None = None) -> 
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            cmd,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         timer = None
         if deadline is not None:
@@ -206,8 +218,10 @@ def run_job(name: str, out: Path, work: Path, deadline: float | None = None) -> 
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
-            # Two jobs may share the call's output tail (one per GPU): tag their lines.
-            sys.stdout.write(f"[{name}] {line}")
+            # The call's output tail (12,000 characters) is for results: vLLM's INFO/WARNING lines
+            # and progress bars stay in the log. Two jobs may share the tail: tag their lines.
+            if not NOISE.search(line):
+                sys.stdout.write(f"[{name}] {line}")
         rc = proc.wait()
         if timer is not None:
             timer.cancel()
@@ -228,24 +242,50 @@ def _kill_group(proc: subprocess.Popen, name: str) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def run_lanes(lanes: list[list[str]], out: Path, work: Path, deadline: float | None) -> int:
+    """Each lane's jobs in order on its own GPU (lane i sees only GPU i), the lanes side by side;
+    returns the number of failed jobs."""
+    failed = [0] * len(lanes)
+
+    def lane(i: int) -> None:
+        env = {"CUDA_VISIBLE_DEVICES": str(i)}
+        failed[i] = sum(run_job(n, out, work, deadline, env) != 0 for n in lanes[i])
+
+    threads = [threading.Thread(target=lane, args=(i,)) for i in range(len(lanes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(failed)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the jobs")
     r = sub.add_parser("run", help="run jobs in order")
     r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
-    r.add_argument(
-        "--time-limit",
-        type=float,
-        default=None,
-        help="seconds for all the jobs together; a job still running then is killed and archived",
+    ln = sub.add_parser(
+        "lanes", help='one lane of jobs per GPU, side by side: lanes "async" "cost15 parallel" (GPU 0, GPU 1)'
     )
+    ln.add_argument("lanes", nargs="+", help="a lane: job names separated by spaces")
+    for sp in (r, ln):
+        sp.add_argument(
+            "--time-limit",
+            type=float,
+            default=None,
+            help="seconds for all the jobs together; a job still running then is killed and archived",
+        )
     a = p.parse_args(argv)
     if a.cmd == "list":
         for name, job in JOBS.items():
             print(f"{name:15s} ~{job.seconds:4d} s  {job.shows}")
         return 0
-    total = sum(JOBS[n].seconds for n in a.jobs)
+    lanes = [a.jobs] if a.cmd == "run" else [lane.split() for lane in a.lanes]
+    unknown = sorted({n for lane in lanes for n in lane} - set(JOBS))
+    if unknown or not all(lanes):
+        p.error(f"unknown job(s) {unknown} or an empty lane; the jobs: {', '.join(JOBS)}")
+    total = max(sum(JOBS[n].seconds for n in lane) for lane in lanes)
     if total > 560:  # one device call ends at 600 s
         print(
             f"[gpu_jobs] warning: these jobs are expected to take ~{total} s, more than one call", flush=True
@@ -255,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     deadline = None if a.time_limit is None else time.monotonic() + a.time_limit
-    return sum(run_job(n, out, work, deadline) != 0 for n in a.jobs)
+    if a.cmd == "run":
+        return sum(run_job(n, out, work, deadline) != 0 for n in a.jobs)
+    return run_lanes(lanes, out, work, deadline)
 
 
 if __name__ == "__main__":

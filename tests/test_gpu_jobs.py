@@ -100,3 +100,39 @@ def test_a_job_past_the_time_limit_is_killed_and_its_partial_results_archived(tm
     assert "hang: exit -9" in (tmp_path / "hang.log").read_text()
     with tarfile.open(tmp_path / "hang.tgz") as tar:
         assert tar.getnames() == ["hang", "hang/first.json"]
+
+
+def test_lanes_run_side_by_side_each_on_its_own_gpu(tmp_path, monkeypatch):
+    # each job records the GPU it was given and sleeps 2 s; two lanes of one job each overlap
+    rec = (
+        "import os,pathlib,sys,time; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True);"
+        " (p/'gpu').write_text(os.environ['CUDA_VISIBLE_DEVICES']); time.sleep(2)"
+    )
+    for name in ("a", "b", "c"):
+        monkeypatch.setitem(
+            gpu_jobs.JOBS, name, gpu_jobs.Job((sys.executable, "-c", rec, "{out}"), 1, "test")
+        )
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
+    t0 = time.monotonic()
+    assert gpu_jobs.main(["lanes", "a c", "b"]) == 0
+    took = time.monotonic() - t0
+    assert 4 <= took < 6  # lane 0 runs a then c (4 s), lane 1 b alongside it
+    gpus = {n: (tmp_path / "work" / n / "gpu").read_text() for n in ("a", "b", "c")}
+    assert gpus == {"a": "0", "c": "0", "b": "1"}
+    with pytest.raises(SystemExit):
+        gpu_jobs.main(["lanes", "a", "nope"])
+
+
+def test_the_output_tail_drops_vllm_log_lines_the_log_keeps_them(tmp_path, monkeypatch, capsys):
+    lines = "INFO 11-30 01:11:08 [x.py:1] engine up\\n(EngineCore pid=7) WARNING 11-30 01:12:55 [y.py:2] w\\n  36 prompts, 0 divergences"
+    monkeypatch.setitem(
+        gpu_jobs.JOBS, "v", gpu_jobs.Job((sys.executable, "-c", f"print('{lines}')"), 1, "t", None)
+    )
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
+    assert gpu_jobs.main(["run", "v"]) == 0
+    out = capsys.readouterr().out
+    assert "[v]   36 prompts, 0 divergences" in out and "engine up" not in out and "[y.py:2]" not in out
+    log = (tmp_path / "v.log").read_text()
+    assert "engine up" in log and "[y.py:2] w" in log

@@ -826,6 +826,7 @@ SCHEMA = {
                 "sync": {"calls": NUM, "host_ms": NUM},
                 "gpu_busy_ms": NUM,
                 "step_period_ms": NUM,
+                "graph_modes": MapOf(MapOf(NUM)),
                 "top_kernels": ListOf({"name": str, "calls": NUM, "gpu_ms": NUM}),
             }
         )
@@ -921,6 +922,11 @@ def format_report(doc: dict[str, Any]) -> str:
             )
             rows.append(["GPU busy (all kernels)", "", "", fmt(prof["gpu_busy_ms"], 3)])
             rows.append(["step period (wall)", "", fmt(prof["step_period_ms"], 3), ""])
+            rows += [
+                [f"{model} forward as: {mode}", fmt(n, 2), "", ""]
+                for model, modes in sorted(prof.get("graph_modes", {}).items())
+                for mode, n in sorted(modes.items())
+            ]
             rows += [
                 [f"  kernel {k['name'][:60]}", fmt(k["calls"], 1), "", fmt(k["gpu_ms"], 3)]
                 for k in prof["top_kernels"][:10]

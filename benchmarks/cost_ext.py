@@ -61,7 +61,7 @@ PHASES = (
     ("runner", "sample_tokens", "step: sample_tokens"),
     ("runner", "_update_states", "input: update states"),
     ("runner", "_prepare_inputs", "input: prepare inputs"),
-    ("runner", "_model_forward", "target: forward (verify)"),
+    ("runner", "_model_forward", "target: forward (verify)"),  # = TARGET_FORWARD
     ("runner", "_sample", "target: sampling + rejection"),
     ("runner", "_bookkeeping_sync", "target: bookkeeping (sync)"),
     ("runner", "propose_draft_token_ids", "draft: all (propose_draft_token_ids)"),
@@ -78,6 +78,30 @@ PHASES = (
     ("loop", "_run", "draft: decode step (full graph)"),
 )
 DRAFT_FORWARD = "draft: forward (each)"
+TARGET_FORWARD = "target: forward (verify)"
+
+
+def _count_graph_mode(state: dict[str, Any], model: str) -> None:
+    """Count how vLLM runs this forward (its forward context): CUDA-graph mode and the batch
+    descriptor the dispatcher chose, e.g. ``FULL tokens=48 reqs=8 uniform``. A verify batch that
+    replays no FULL graph costs host time for every layer."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        key = "no forward context"
+    else:
+        ctx = get_forward_context()
+        mode = getattr(ctx.cudagraph_runtime_mode, "name", str(ctx.cudagraph_runtime_mode))
+        bd = ctx.batch_descriptor
+        key = (
+            mode
+            if bd is None
+            else f"{mode} tokens={bd.num_tokens} reqs={bd.num_reqs}" + (" uniform" if bd.uniform else "")
+        )
+    counts = state["graphs"].setdefault(model, {})
+    counts[key] = counts.get(key, 0) + 1
+
+
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
@@ -103,7 +127,7 @@ class CostProbe:
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         # Host wall time per phase is timed here (perf_counter); the profiler's own CPU times of
         # record_function ranges are not reliable for user annotations.
-        state = {"calls": 0, "profiled": 0, "running": False, "wall": {}, "starts": []}
+        state = {"calls": 0, "profiled": 0, "running": False, "wall": {}, "starts": [], "graphs": {}}
         undo: list[tuple[Any, str]] = []
         wrapped = []
         for owner, name, label in PHASES:
@@ -113,8 +137,12 @@ class CostProbe:
                 continue
 
             def wrap(fn=fn, label=label, first=(owner, name) == ("runner", "execute_model")):
+                verify = label == TARGET_FORWARD
+
                 @functools.wraps(fn)
                 def inner(*a, **k):
+                    if verify and state["running"]:
+                        _count_graph_mode(state, "target")
                     if first:
                         state["calls"] += 1
                         if state["calls"] == skip_steps + 1:
@@ -146,6 +174,8 @@ class CostProbe:
         @contextlib.contextmanager
         def labelled_ctx(*a, **k):
             with record_function(DRAFT_FORWARD), orig_ctx(*a, **k) as ctx:
+                if state["running"]:
+                    _count_graph_mode(state, "draft")
                 yield ctx
 
         base.set_forward_context = fc.set_forward_context = labelled_ctx
@@ -176,7 +206,7 @@ class CostProbe:
         labels = {label for _, _, label in PHASES} | {DRAFT_FORWARD}
         # Engine steps = target forwards (execute_model also runs, empty, after the last request).
         averages = {evt.key: evt for evt in prof.key_averages()}
-        target = averages.get("target: forward (verify)")
+        target = averages.get(TARGET_FORWARD)
         steps = target.count if target is not None else state["profiled"]
         if not steps:
             raise RuntimeError("no engine step was profiled")
@@ -208,6 +238,7 @@ class CostProbe:
             "sync": {"calls": sync_calls / steps, "host_ms": sync_ms / steps},
             "gpu_busy_ms": sum(v[1] for v in kernels.values()) / steps,
             "step_period_ms": period,
+            "graph_modes": {m: {k: n / steps for k, n in c.items()} for m, c in state["graphs"].items()},
             "top_kernels": [
                 {"name": name, "calls": c / steps, "gpu_ms": ms / steps} for name, (c, ms) in top
             ],

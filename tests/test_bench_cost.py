@@ -178,7 +178,8 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     """On vLLM (CPU): zeroed norms make every draft token accepted, MAL = γ + 1 exactly."""
     from benchmarks import cost
 
-    doc = cost.main(["--tiny", "--jobs", "massv", "--out", str(tmp_path)])
+    argv = ["--tiny", "--jobs", "massv", "--profile", "2", "--out", str(tmp_path)]
+    doc = cost.main(argv)
     assert check_schema(doc, SCHEMA) == []
     assert json.loads((tmp_path / "cost.json").read_text()) == doc
     eng = doc["engines"]["massv-g2"]
@@ -196,7 +197,13 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     # 4 decode tokens asked for, γ + 1 = 3 per forced-accepted step: rounded up to 2 whole steps
     job = json.loads((tmp_path / "jobs" / "massv-g2.json").read_text())
     assert {row["decode_tokens"] for row in job["rows"]} == {6}
+    # --profile: the phases of a spec step, and how vLLM ran each forward. At B=1 every verify
+    # forward carries γ + 1 = 3 tokens (CPU: no CUDA graphs, mode NONE); MASSV's loop drafted.
+    prof = doc["profile"]["massv-g2"]["1"]
+    assert prof["steps"] >= 1 and prof["phases"]["target: forward (verify)"]["calls"] == pytest.approx(1.0)
+    assert prof["phases"]["draft: decode step (full graph)"]["calls"] > 0
+    assert prof["graph_modes"]["target"] == {"NONE tokens=3 reqs=None": pytest.approx(1.0)}
     # rerun: the finished job is reused, no engine
     monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("finished job rerun"))
-    again = cost.main(["--tiny", "--jobs", "massv", "--out", str(tmp_path)])
+    again = cost.main(argv)
     assert again["e2e"] == doc["e2e"]

@@ -60,19 +60,26 @@ def test_each_test_job_selects_tests(name, tmp_path):
     assert proc.returncode == 0 and m and int(m.group(1)) > 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+@pytest.fixture
+def device_out(tmp_path, monkeypatch):
+    """$OUT (logs, archives) and the jobs' result folder, as on the device machine."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
+
+
 def test_jobs_fit_a_device_call():
     for name, job in gpu_jobs.JOBS.items():
         assert job.seconds <= 560, name  # one call ends at 600 s
 
 
-def test_a_job_leaves_its_log_and_results_archive_and_failures_are_counted(tmp_path, monkeypatch, capsys):
+def test_a_job_leaves_its_log_and_results_archive_and_failures_are_counted(
+    tmp_path, monkeypatch, device_out, capsys
+):
     write = "import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True); (p/'r.json').write_text('{}'); print('hello')"
     monkeypatch.setitem(gpu_jobs.JOBS, "ok", gpu_jobs.Job((sys.executable, "-c", write, "{out}"), 1, "test"))
     monkeypatch.setitem(
         gpu_jobs.JOBS, "bad", gpu_jobs.Job((sys.executable, "-c", "raise SystemExit(3)"), 1, "test", None)
     )
-    monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
     assert gpu_jobs.main(["run", "ok", "bad", "ok"]) == 1
     # only logs and archives land in $OUT (the device tool returns at most 8 files from it)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.log", "ok.log", "ok.tgz", "work"]
@@ -84,7 +91,9 @@ def test_a_job_leaves_its_log_and_results_archive_and_failures_are_counted(tmp_p
         assert tar.getnames() == ["ok", "ok/r.json"]
 
 
-def test_a_job_past_the_time_limit_is_killed_and_its_partial_results_archived(tmp_path, monkeypatch):
+def test_a_job_past_the_time_limit_is_killed_and_its_partial_results_archived(
+    tmp_path, monkeypatch, device_out
+):
     # writes one result, then hangs (a child process too: the whole group must go)
     hang = (
         "import pathlib,subprocess,sys,time; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True);"
@@ -92,8 +101,6 @@ def test_a_job_past_the_time_limit_is_killed_and_its_partial_results_archived(tm
         " subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"
     )
     monkeypatch.setitem(gpu_jobs.JOBS, "hang", gpu_jobs.Job((sys.executable, "-c", hang, "{out}"), 1, "test"))
-    monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
     t0 = time.monotonic()
     assert gpu_jobs.main(["run", "hang", "--time-limit", "3"]) == 1
     assert time.monotonic() - t0 < 30  # the hanging child did not keep the pipe open
@@ -102,7 +109,7 @@ def test_a_job_past_the_time_limit_is_killed_and_its_partial_results_archived(tm
         assert tar.getnames() == ["hang", "hang/first.json"]
 
 
-def test_lanes_run_side_by_side_each_on_its_own_gpu(tmp_path, monkeypatch):
+def test_lanes_run_side_by_side_each_on_its_own_gpu(tmp_path, monkeypatch, device_out):
     # each job records the GPU it was given and sleeps 2 s; two lanes of one job each overlap
     rec = (
         "import os,pathlib,sys,time; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True);"
@@ -112,8 +119,6 @@ def test_lanes_run_side_by_side_each_on_its_own_gpu(tmp_path, monkeypatch):
         monkeypatch.setitem(
             gpu_jobs.JOBS, name, gpu_jobs.Job((sys.executable, "-c", rec, "{out}"), 1, "test")
         )
-    monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
     t0 = time.monotonic()
     assert gpu_jobs.main(["lanes", "a c", "b"]) == 0
     took = time.monotonic() - t0
@@ -124,13 +129,11 @@ def test_lanes_run_side_by_side_each_on_its_own_gpu(tmp_path, monkeypatch):
         gpu_jobs.main(["lanes", "a", "nope"])
 
 
-def test_the_output_tail_drops_vllm_log_lines_the_log_keeps_them(tmp_path, monkeypatch, capsys):
+def test_the_output_tail_drops_vllm_log_lines_the_log_keeps_them(tmp_path, monkeypatch, device_out, capsys):
     lines = "INFO 11-30 01:11:08 [x.py:1] engine up\\n(EngineCore pid=7) WARNING 11-30 01:12:55 [y.py:2] w\\n  36 prompts, 0 divergences"
     monkeypatch.setitem(
         gpu_jobs.JOBS, "v", gpu_jobs.Job((sys.executable, "-c", f"print('{lines}')"), 1, "t", None)
     )
-    monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
     assert gpu_jobs.main(["run", "v"]) == 0
     out = capsys.readouterr().out
     assert "[v]   36 prompts, 0 divergences" in out and "engine up" not in out and "[y.py:2]" not in out

@@ -102,11 +102,18 @@ JOBS: dict[str, Job] = {
         "the same for Gemma3 (issues 12-14, 15.3, 17)",
         None,
     ),
-    "async": Job(
-        (*PYTEST, "tests/gpu/test_massv_gpu.py", "-k", "async"),
-        480,
-        "async scheduling with MASSV, sequential and parallel drafting, both families: T=0 lossless "
+    # Three engines per family (reference, sequential, parallel) at ~110 s each: one family a job.
+    "async-qwen": Job(
+        (*PYTEST, "tests/gpu/test_massv_gpu.py", "-k", "async and qwen2_5_vl"),
+        360,
+        "async scheduling with MASSV, sequential and parallel drafting, Qwen2.5-VL: T=0 lossless "
         "with accepted drafts (issue 12; vLLM's CPU platform never runs it)",
+        None,
+    ),
+    "async-gemma": Job(
+        (*PYTEST, "tests/gpu/test_massv_gpu.py", "-k", "async and gemma3"),
+        360,
+        "the same for Gemma3",
         None,
     ),
     "bf16": Job(

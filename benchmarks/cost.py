@@ -80,8 +80,19 @@ JOBS = (
     "massv-parallel",
     "massv-parallel-async",
 )
+# The MASSV engines, "before" (vLLM's own draft loop) first: its result is saved even if a later
+# engine fails.
+MASSV_MODES = (
+    "massv-stockloop",
+    "massv",
+    "massv-async",
+    "massv-fullgraph",
+    "massv-fullgraph-async",
+    "massv-parallel",
+    "massv-parallel-async",
+)
 # Drafter forwards per spec step: γ sequential ones, or one for parallel drafting.
-DRAFT_FORWARDS = {"massv-parallel": lambda gamma: 1, "massv-parallel-async": lambda gamma: 1}
+DRAFT_FORWARDS = {m: (lambda gamma: 1) for m in ("massv-parallel", "massv-parallel-async")}
 # Engine-process environment per job: "massv-stockloop" is MASSV on vLLM's own draft loop (the
 # starting point of the fast-drafting work), "massv" the full-graph loop (patches/_draft_loop.py).
 FIRST_PASS = {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
@@ -655,12 +666,7 @@ def run_cost(
         if "stock" in jobs:
             spec = {"method": "draft_model", "model": str(shapes.small_lm), "num_speculative_tokens": g}
             plan.append((f"stock-g{g}", shapes.target, spec))
-        modes = ("massv-stockloop", "massv", "massv-async", "massv-fullgraph", "massv-fullgraph-async")
-        for mode in (
-            *modes,
-            "massv-parallel",
-            "massv-parallel-async",
-        ):  # "before" first: saved if a later one fails
+        for mode in MASSV_MODES:
             if mode in jobs:
                 spec = massv_spec(str(shapes.drafter), g, **JOB_SPEC.get(mode, {}))
                 plan.append((f"{mode}-g{g}", shapes.target, spec))

@@ -54,6 +54,7 @@ def zero_final_norms(model: Any) -> list[str]:
     return done
 
 
+TARGET_FORWARD = "target: forward (verify)"
 # (object path, method, phase label). "runner" is the GPU model runner, "drafter" its proposer,
 # "loop" the MASSV fast draft loop. Missing objects or methods are skipped.
 PHASES = (
@@ -61,7 +62,7 @@ PHASES = (
     ("runner", "sample_tokens", "step: sample_tokens"),
     ("runner", "_update_states", "input: update states"),
     ("runner", "_prepare_inputs", "input: prepare inputs"),
-    ("runner", "_model_forward", "target: forward (verify)"),  # = TARGET_FORWARD
+    ("runner", "_model_forward", TARGET_FORWARD),
     ("runner", "_sample", "target: sampling + rejection"),
     ("runner", "_bookkeeping_sync", "target: bookkeeping (sync)"),
     ("runner", "propose_draft_token_ids", "draft: all (propose_draft_token_ids)"),
@@ -78,7 +79,6 @@ PHASES = (
     ("loop", "_run", "draft: decode step (full graph)"),
 )
 DRAFT_FORWARD = "draft: forward (each)"
-TARGET_FORWARD = "target: forward (verify)"
 
 
 def _count_graph_mode(state: dict[str, Any], model: str) -> None:

@@ -52,6 +52,16 @@ class Job:
     results: str | None = "{out}"  # what goes into $OUT/<job>.tgz (None: nothing)
 
 
+def _pytest(*args: str, seconds: int, shows: str) -> Job:
+    """A pytest job (its output is the log; no results folder)."""
+    return Job((*PYTEST, *args), seconds, shows, None)
+
+
+def _massv_gpu(select: str, seconds: int, shows: str) -> Job:
+    """``tests/gpu/test_massv_gpu.py -k SELECT``."""
+    return _pytest("tests/gpu/test_massv_gpu.py", "-k", select, seconds=seconds, shows=shows)
+
+
 def _cost(preset: str, jobs: str, gammas: str, *extra: str) -> tuple[str, ...]:
     """A ``benchmarks.cost`` run at B = 1 and 8 with the eager compile backend (the runbook's grid)."""
     return (*COST, "--preset", preset, "--jobs", *jobs.split(), "--gammas", *gammas.split(), *GRID,
@@ -89,51 +99,36 @@ JOBS: dict[str, Job] = {
     ),
     # One family per job: both together took 440 s for Qwen2.5-VL alone on 2026-11-30 (one engine
     # start per test, Inductor + CUDA graphs), so the pair does not fit one call.
-    "fp32-qwen": Job(
-        (*PYTEST, "tests/gpu/test_massv_gpu.py", "-k", "qwen2_5_vl and (float32 or parallel) and not async"),
+    "fp32-qwen": _massv_gpu(
+        "qwen2_5_vl and (float32 or parallel) and not async",
         450,
         "T=0 lossless with accepted drafts, Qwen2.5-VL, float32, sequential and parallel drafting "
         "(issues 12-14, 17)",
-        None,
     ),
-    "fp32-gemma": Job(
-        (*PYTEST, "tests/gpu/test_massv_gpu.py", "-k", "gemma3 and (float32 or parallel) and not async"),
-        450,
-        "the same for Gemma3 (issues 12-14, 15.3, 17)",
-        None,
+    "fp32-gemma": _massv_gpu(
+        "gemma3 and (float32 or parallel) and not async", 450, "the same for Gemma3 (issues 12-14, 15.3, 17)"
     ),
     # Three engines per family (reference, sequential, parallel) at ~110 s each: one family a job.
-    "async-qwen": Job(
-        (*PYTEST, "tests/gpu/test_massv_gpu.py", "-k", "async and qwen2_5_vl"),
+    "async-qwen": _massv_gpu(
+        "async and qwen2_5_vl",
         360,
         "async scheduling with MASSV, sequential and parallel drafting, Qwen2.5-VL: T=0 lossless "
         "with accepted drafts (issue 12; vLLM's CPU platform never runs it)",
-        None,
     ),
-    "async-gemma": Job(
-        (*PYTEST, "tests/gpu/test_massv_gpu.py", "-k", "async and gemma3"),
-        360,
-        "the same for Gemma3",
-        None,
-    ),
-    "bf16": Job(
-        (*PYTEST, "tests/gpu/test_massv_gpu.py", "-k", "bfloat16"),
-        360,
-        "bf16 divergences with the reference's top-2 logit gap (issue 15.2)",
-        None,
-    ),
-    "serve": Job(
-        (*PYTEST, "tests/gpu/test_serve_gpu.py", "tests/gpu/test_compile_cache_gpu.py"),
-        540,
-        "vllm serve with an image + /metrics, the three serve forms; engines in any order with the "
+    "async-gemma": _massv_gpu("async and gemma3", 360, "the same for Gemma3"),
+    "bf16": _massv_gpu("bfloat16", 360, "bf16 divergences with the reference's top-2 logit gap (issue 15.2)"),
+    "serve": _pytest(
+        "tests/gpu/test_serve_gpu.py",
+        "tests/gpu/test_compile_cache_gpu.py",
+        seconds=540,
+        shows="vllm serve with an image + /metrics, the three serve forms; engines in any order with the "
         "compile cache on (issues 15.1, 15.7, 18)",
-        None,
     ),
-    "scale": Job(
-        (*PYTEST, "tests/gpu/test_lossless_scale.py", "tests/gpu/test_load.py"),
-        540,
-        "200 mixed prompts at batch 1 and 64; 200 concurrent requests with 20 cancellations (issue 15.4)",
-        None,
+    "scale": _pytest(
+        "tests/gpu/test_lossless_scale.py",
+        "tests/gpu/test_load.py",
+        seconds=540,
+        shows="200 mixed prompts at batch 1 and 64; 200 concurrent requests with 20 cancellations (issue 15.4)",
     ),
     "world1": Job(
         (*WORLD, "--until", "drafters"), 420, "world, target, small LM, drafters (issue 15.5)", None
@@ -152,27 +147,25 @@ JOBS: dict[str, Job] = {
         "the world's MASSV MAL on vLLM's own draft loop and on the new one, CUDA graphs on (issue 12's 3 % check)",
     ),
     # The three multi-GPU jobs take both GPUs each; together they ran past one call on 2026-11-30.
-    "multigpu": Job(
-        (
-            *PYTEST,
-            "tests/test_multiproc.py",
-            "tests/gpu/test_multigpu.py::test_tp2_server_answers_an_image_request",
-        ),
-        480,
-        "TP=2 lossless + MAL, 2-process SDViT = 1 process, TP=2 server (issue 16)",
-        None,
+    "multigpu": _pytest(
+        "tests/test_multiproc.py",
+        "tests/gpu/test_multigpu.py::test_tp2_server_answers_an_image_request",
+        seconds=480,
+        shows="TP=2 lossless + MAL, 2-process SDViT = 1 process, TP=2 server (issue 16)",
     ),
-    "multigpu-zero2": Job(
-        (*PYTEST, "tests/gpu/test_multigpu.py", "-k", "zero2"),
-        480,
-        "deepspeed --num_gpus 2, phase 1 and SDViT with ZeRO-2: loss falls, kill + resume, serves (issue 16)",
-        None,
+    "multigpu-zero2": _pytest(
+        "tests/gpu/test_multigpu.py",
+        "-k",
+        "zero2",
+        seconds=480,
+        shows="deepspeed --num_gpus 2, phase 1 and SDViT with ZeRO-2: loss falls, kill + resume, serves (issue 16)",
     ),
-    "multigpu-zero3": Job(
-        (*PYTEST, "tests/gpu/test_multigpu.py", "-k", "zero3"),
-        480,
-        "the same with ZeRO-3 (issue 16)",
-        None,
+    "multigpu-zero3": _pytest(
+        "tests/gpu/test_multigpu.py",
+        "-k",
+        "zero3",
+        seconds=480,
+        shows="the same with ZeRO-3 (issue 16)",
     ),
     "cost-tp2": Job(
         _cost(

@@ -25,34 +25,23 @@ def engine_suite() -> list[Request]:
     return prompt_suite(SUITE_SIZE, max_images=2, long_words=150)
 
 
-def probed_engine(
-    tiny, drafter, env: dict[str, str] | None = None, engine_kw: dict[str, Any] | None = None, **spec: Any
-):
+def probed_engine(tiny, drafter, env: dict[str, str] | None = None, **spec: Any):
     """A module-scoped MASSV engine with the drafter probe (generator body for a fixture);
-    ``env``: patch switches for its processes, ``engine_kw``: engine arguments over ``ENGINE_KW``,
-    ``spec``: further speculative-config keys."""
+    ``env``: patch switches for its processes, ``spec``: further speculative-config keys."""
     from massv_vllm.engine import engine_env, make_llm, massv_spec, shutdown
 
-    kw = {**ENGINE_KW, **(engine_kw or {})}
     with engine_env(env):
-        engine = make_llm(str(tiny.target), massv_spec(str(drafter), GAMMA, **spec), probe=True, **kw)
+        engine = make_llm(str(tiny.target), massv_spec(str(drafter), GAMMA, **spec), probe=True, **ENGINE_KW)
     yield engine
     shutdown(engine)
 
 
-def mirror_engine(
-    tiny,
-    out_dir,
-    text_only: bool = False,
-    env: dict[str, str] | None = None,
-    engine_kw: dict[str, Any] | None = None,
-    **spec: Any,
-):
+def mirror_engine(tiny, out_dir, text_only: bool = False, env: dict[str, str] | None = None):
     """``probed_engine`` with a drafter that mirrors the target (written to ``out_dir``)."""
     from massv_vllm.testing.tiny import make_mirror_drafter
 
     drafter = make_mirror_drafter(tiny.target, tiny.tokenizer, out_dir, text_only=text_only)
-    yield from probed_engine(tiny, drafter, env=env, engine_kw=engine_kw, **spec)
+    yield from probed_engine(tiny, drafter, env=env)
 
 
 def counted_greedy(

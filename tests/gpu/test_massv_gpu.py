@@ -175,33 +175,37 @@ def parallel_mirror(mirror, tmp_path_factory):
     return folder
 
 
-def _mal_line(tag: str, delta: SpecCounters) -> str:
-    return (
-        f"[{tag}] MAL {delta.mean_accepted_length:.3f}, acceptance per position "
-        f"{[round(a, 3) for a in delta.acceptance_per_position]}"
+def _lossless_run(
+    tiny, folder, tag: str, spec: dict | None = None, async_scheduling: bool = False
+) -> SpecCounters:
+    """A float32 MASSV engine over the suite: T=0 equals the reference; returns the counter delta."""
+    ref = reference(tiny, "float32")
+    extra = {"async_scheduling": True} if async_scheduling else {}
+    llm = make_llm(
+        str(tiny.target), massv_spec(str(folder), GAMMA, **(spec or {})), dtype="float32", **extra, **KW
     )
+    try:
+        if async_scheduling:  # the engine kept it (vLLM allows it for draft models when asked)
+            assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+        before = SpecCounters.from_llm(llm)
+        outs = greedy(llm, _suite(), max_tokens=24)
+        delta = SpecCounters.from_llm(llm) - before
+        print(
+            f"\n[{tiny.family} {tag}] MAL {delta.mean_accepted_length:.3f}, acceptance per position "
+            f"{[round(a, 3) for a in delta.acceptance_per_position]}"
+        )
+        check_lossless(tiny, "float32", ref, outs)
+        return delta
+    finally:
+        shutdown(llm)
 
 
 def test_parallel_drafting_is_lossless(tiny, parallel_mirror):
     """``"parallel_drafting": true`` (one drafter forward per step, γ slots per request) on the GPU
     path: T=0 equals no speculation, and the bonus-slot draft is accepted (the mirror's mask row is
     untrained, so the later positions mostly are not)."""
-    ref = reference(tiny, "float32")
-    llm = make_llm(
-        str(tiny.target),
-        massv_spec(str(parallel_mirror), GAMMA, parallel_drafting=True),
-        dtype="float32",
-        **KW,
-    )
-    try:
-        before = SpecCounters.from_llm(llm)
-        outs = greedy(llm, _suite(), max_tokens=24)
-        delta = SpecCounters.from_llm(llm) - before
-        print("\n" + _mal_line(f"{tiny.family} parallel", delta))
-        check_lossless(tiny, "float32", ref, outs)
-        assert delta.acceptance_per_position[0] > 0.8
-    finally:
-        shutdown(llm)
+    delta = _lossless_run(tiny, parallel_mirror, "parallel", {"parallel_drafting": True})
+    assert delta.acceptance_per_position[0] > 0.8
 
 
 @pytest.mark.parametrize("drafting", ["sequential", "parallel"])
@@ -211,29 +215,13 @@ def test_async_scheduling_is_lossless(tiny, mirror, parallel_mirror, drafting):
     scheduling off, so only a GPU runs this."""
     if ON_CPU:
         pytest.skip("vLLM's CPU platform turns async scheduling off")
-    ref = reference(tiny, "float32")
-    folder, extra = (
-        (mirror, {}) if drafting == "sequential" else (parallel_mirror, {"parallel_drafting": True})
-    )
-    llm = make_llm(
-        str(tiny.target),
-        massv_spec(str(folder), GAMMA, **extra),
-        dtype="float32",
-        async_scheduling=True,
-        **KW,
-    )
-    try:
-        assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling
-        before = SpecCounters.from_llm(llm)
-        outs = greedy(llm, _suite(), max_tokens=24)
-        delta = SpecCounters.from_llm(llm) - before
-        print("\n" + _mal_line(f"{tiny.family} async {drafting}", delta))
-        check_lossless(tiny, "float32", ref, outs)
-        # the mirror's drafts are accepted (image prompts included): sequential drafts all γ
-        # positions well; parallel drafting only its bonus slot (untrained mask row)
-        if drafting == "sequential":
-            assert delta.mean_accepted_length > 3.0, delta
-        else:
-            assert delta.acceptance_per_position[0] > 0.8, delta
-    finally:
-        shutdown(llm)
+    if drafting == "sequential":
+        delta = _lossless_run(tiny, mirror, "async sequential", async_scheduling=True)
+        # the mirror's drafts are accepted (image prompts included) at all γ positions
+        assert delta.mean_accepted_length > 3.0, delta
+    else:
+        delta = _lossless_run(
+            tiny, parallel_mirror, "async parallel", {"parallel_drafting": True}, async_scheduling=True
+        )
+        # parallel drafting: only the bonus slot is accepted (the mask row is untrained)
+        assert delta.acceptance_per_position[0] > 0.8, delta

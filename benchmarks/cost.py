@@ -33,11 +33,13 @@ also shows the analytical ceiling τ/(γ·c + 1) at the MALs given with ``--mal`
 text-only and MASSV on Qwen2.5-VL-7B in the paper) and at τ = γ + 1 (100% acceptance), next to the
 measured one.
 
-Decode time per token (TPOT) is the engine's own: vLLM's per-request timestamps of the first and the
-last token (``RequestOutput.metrics``), over n decode tokens with ``ignore_eos``, so prefill stays
-out; a spec engine decodes whole forced-acceptance steps. The median of ``--repeats`` runs is
-reported with their spread; ``wall_tpot_ms`` keeps the older wall-clock estimate,
-(time(n + 1 tokens) - time(1 token)) / n.
+Decode time per token (TPOT) is the steady decode step time over the tokens a request gains per
+step (1, or γ + 1 at forced acceptance): the median duration of the engine steps that decode the
+whole batch and nothing else, timed in the worker (``measure``), over n decode tokens with
+``ignore_eos``; a spec engine decodes whole forced-acceptance steps. The median of ``--repeats``
+runs is reported with their spread. Two older estimates stay beside it: ``engine_tpot_ms`` from
+vLLM's per-request first/last-token timestamps (at B > 1 it carries the prefills of requests that
+reached the engine later) and ``wall_tpot_ms``, (time(n + 1 tokens) - time(1 token)) / n.
 """
 
 from __future__ import annotations
@@ -470,42 +472,59 @@ def decode_tpot_ms(outs: list[Any]) -> float | None:
     return statistics.median(per_req) if per_req else None
 
 
+def steady_step_ms(log: list[tuple[float, int]], batch_size: int) -> list[float]:
+    """Durations (ms) of the logged engine steps that decode all ``batch_size`` requests and are
+    followed by another such step (``CostProbe.massv_steps_start``: (start time, decode batch))."""
+    return [(t1 - t0) * 1e3 for (t0, b0), (t1, b1) in zip(log, log[1:]) if b0 == b1 == batch_size]
+
+
 def measure(
     llm: Any, prompts: list[Any], batch_sizes: list[int], steps: int, repeats: int, tokens_per_step: int = 1
 ) -> list[dict[str, Any]]:
     """Per batch size: prefill time, decode time per output token (TPOT), MAL and token check.
 
-    TPOT is the engine's decode time per token (``decode_tpot_ms``), the median of ``repeats`` runs;
-    ``wall_tpot_ms`` is the older wall-clock estimate (n tokens minus one token, over n), which
-    carries the prefill's run-to-run variance. A spec engine decodes a whole number of forced-
-    acceptance steps (``tokens_per_step`` = γ + 1 tokens each), so no step is cut short by
-    ``max_tokens`` and counted whole."""
+    TPOT is the steady decode step time over the tokens each request gains in it (``tokens_per_step``:
+    1, or γ + 1 at forced acceptance): the median duration of the engine steps that decode the whole
+    batch (``steady_step_ms``), median of ``repeats`` runs. Steps that mix decodes with prefills
+    stay out: ``LLM.generate`` hands requests over one by one while the engine already steps, so
+    at B > 1 the request timestamps' TPOT (``engine_tpot_ms``, kept beside it) carries other
+    requests' prefills. ``wall_tpot_ms`` is the oldest estimate (n tokens minus one token, over n).
+    A spec engine decodes a whole number of forced-acceptance steps, so no step is cut short."""
     n = -(-steps // tokens_per_step) * tokens_per_step
     rows = []
     for b in batch_sizes:
         batch = prompts[:b]
         _timed(llm, batch, n + 1)  # warm-up at this batch size (graphs, allocator)
-        t1s, tns, engine = [], [], []
+        t1s, tns, engine, steady, counts = [], [], [], [], []
         before = SpecCounters.from_llm(llm)
         zero = True
         for _ in range(repeats):
             t1, _ = _timed(llm, batch, 1)
+            llm.collective_rpc("massv_steps_start")
             tn, outs = _timed(llm, batch, n + 1)
+            periods = steady_step_ms(llm.collective_rpc("massv_steps_stop")[0], b)
+            if not periods:
+                raise RuntimeError(
+                    f"no two consecutive engine steps decoded all {b} requests: raise --steps ({n} tokens)"
+                )
             t1s.append(t1)
             tns.append(tn)
             engine.append(decode_tpot_ms(outs))
+            steady.append(statistics.median(periods) / tokens_per_step)
+            counts.append(len(periods))
             zero = zero and all(t == 0 for o in outs for t in o.outputs[0].token_ids)
         delta = SpecCounters.from_llm(llm) - before
         t1, tn = statistics.median(t1s), statistics.median(tns)
-        wall = max(tn - t1, 0.0) / n * 1e3
         have = [x for x in engine if x is not None]
         rows.append(
             {
                 "batch_size": b,
                 "prefill_s": t1,
-                "tpot_ms": statistics.median(have) if len(have) == len(engine) else wall,
-                "tpot_ms_repeats": have,
-                "wall_tpot_ms": wall,
+                "tpot_ms": statistics.median(steady),
+                "tpot_ms_repeats": steady,
+                "steady_steps": counts,
+                "engine_tpot_ms": statistics.median(have) if have else None,
+                "wall_tpot_ms": max(tn - t1, 0.0) / n * 1e3,
                 "decode_tokens": n,
                 "mal": delta.mean_accepted_length,
                 "all_tokens_zero": zero,
@@ -518,8 +537,9 @@ def profile_decode(
     llm: Any, prompts: list[Any], steps: int, tokens_per_step: int, trace: Path | None = None
 ) -> dict[str, Any]:
     """Per-phase host/GPU ms per engine step over ``steps`` decode steps (prefill excluded)."""
-    llm.collective_rpc("massv_profile_start", args=(1,))
-    _timed(llm, prompts, steps * tokens_per_step + 1)
+    llm.collective_rpc("massv_profile_start", args=(len(prompts),))
+    # a few more steps than profiled: the full-batch decode starts only once every request is in
+    _timed(llm, prompts, (steps + 3) * tokens_per_step + 1)
     return llm.collective_rpc("massv_profile_stop", args=(str(trace) if trace else None,))[0]
 
 
@@ -767,6 +787,7 @@ def summarise(
                     "tpot_ms": r["tpot_ms"],
                     # per repeat, so the spread of a cell is on record (older jobs lack them)
                     "tpot_ms_repeats": r.get("tpot_ms_repeats", []),
+                    "engine_tpot_ms": r.get("engine_tpot_ms"),
                     "wall_tpot_ms": r.get("wall_tpot_ms", r["tpot_ms"]),
                     "prefill_s": r["prefill_s"],
                     "mal": r["mal"],
@@ -814,6 +835,7 @@ SCHEMA = {
             "batch_size": int,
             "tpot_ms": NUM,
             "tpot_ms_repeats": ListOf(NUM),
+            "engine_tpot_ms": Opt(NUM),
             "wall_tpot_ms": NUM,
             "prefill_s": NUM,
             "mal": Opt(NUM),
@@ -872,6 +894,7 @@ def format_report(doc: dict[str, Any]) -> str:
                 r["batch_size"],
                 fmt(r["tpot_ms"], 3),
                 _spread(r.get("tpot_ms_repeats") or []),
+                fmt(r.get("engine_tpot_ms"), 3),
                 fmt(r["mal"]),
                 "yes" if r["all_tokens_zero"] else "NO",
                 fmt(r["speedup_vs_none"]),
@@ -891,6 +914,7 @@ def format_report(doc: dict[str, Any]) -> str:
                 "B",
                 "TPOT ms",
                 "spread",
+                "request TPOT",
                 "MAL",
                 "tokens=0",
                 "speed-up",
@@ -899,8 +923,9 @@ def format_report(doc: dict[str, Any]) -> str:
                 *[f"at MAL {t:.2f}" for t in mals],
             ],
             rows,
-            "end to end at forced 100% acceptance (TPOT: engine decode time per token, median of the"
-            " repeats, spread = their (max-min)/median; speed-up over no speculation, same engine settings;"
+            "end to end at forced 100% acceptance (TPOT: steady full-batch decode step time per token,"
+            " median of the repeats, spread = their (max-min)/median; request TPOT: from vLLM's"
+            " per-request timestamps, prefills of later requests included; speed-up over no speculation, same engine settings;"
             " ceiling = (γ+1)·T_target/(T_target+γ·T_drafter); 'at MAL τ' = τ·T_target / measured step)",
         )
     )
@@ -1020,7 +1045,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preset="tiny-qwen" if tiny else a.preset,
         gammas=a.gammas or ([2] if tiny else [5]),
         batch_sizes=a.batch_sizes or ([1, 2] if tiny else [1, 8, 32]),
-        steps=a.steps or (4 if tiny else 128),
+        steps=a.steps or (12 if tiny else 128),
         repeats=a.repeats or (2 if tiny else 5),
         prompt_len=a.prompt_len if not tiny else min(a.prompt_len, 16),
         image_size=(image and (112, 112)) if tiny else image,

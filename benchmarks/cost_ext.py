@@ -7,8 +7,10 @@
   greedy decoding picks token 0 in both models: every draft token is accepted. Nothing else
   changes, so each step costs exactly what it costs with real weights (same shapes, kernels and
   batch sizes). Only for dummy-weight timing runs: the outputs are meaningless.
-* ``massv_profile_start`` / ``massv_profile_stop``: run the torch profiler over some decode
-  steps, with named ranges around the worker's phases (target forward, input preparation,
+* ``massv_steps_start`` / ``massv_steps_stop``: log each engine step's start time and whether
+  it only decodes the whole batch (``decode_batch``), for the steady decode step time.
+* ``massv_profile_start`` / ``massv_profile_stop``: run the torch profiler over the decode
+  steps of a full batch, with named ranges around the worker's phases (target forward, input preparation,
   sampling and rejection, each draft forward, attention metadata, ...), and return per-phase host
   and GPU milliseconds plus the host time spent blocked in device synchronisation.
 """
@@ -105,6 +107,24 @@ def _count_graph_mode(state: dict[str, Any], model: str) -> None:
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
+def decode_batch(scheduler_output: Any) -> int:
+    """Number of requests in an engine step that only decodes, else 0.
+
+    A step only decodes when no request is new and each request runs its one sampled token plus
+    its scheduled draft tokens, no prefill chunk. ``LLM.generate`` hands requests to the engine
+    one by one while it already steps, so at B > 1 the first steps mix one request's decode with
+    the others' prefills (seen on CPU: B=8 prefilled over three steps); those steps are not the
+    decode cost being measured."""
+    so = scheduler_output
+    counts = so.num_scheduled_tokens
+    if so.scheduled_new_reqs or not counts:
+        return 0
+    spec = so.scheduled_spec_decode_tokens
+    if any(n != 1 + len(spec.get(r, ())) for r, n in counts.items()):
+        return 0
+    return len(counts)
+
+
 class CostProbe:
     """Mixed into vLLM's worker class (``worker_extension_cls``)."""
 
@@ -116,9 +136,30 @@ class CostProbe:
             out["drafter"] = zero_final_norms(drafter.model)
         return out
 
-    def massv_profile_start(self, skip_steps: int = 1) -> list[str]:
-        """Wrap the phases in named profiler ranges; the profiler starts at the beginning of
-        engine step ``skip_steps + 1`` (so a request's prefill step stays out of the profile)."""
+    def massv_steps_start(self) -> None:
+        """Log every engine step from now on: (start time, ``decode_batch``)."""
+        runner = self.model_runner
+        fn = runner.execute_model
+        log: list[tuple[float, int]] = []
+
+        @functools.wraps(fn)
+        def logged(scheduler_output, *a, **k):
+            log.append((time.perf_counter(), decode_batch(scheduler_output)))
+            return fn(scheduler_output, *a, **k)
+
+        runner.execute_model = logged
+        self._massv_steps = log
+
+    def massv_steps_stop(self) -> list[tuple[float, int]]:
+        """Stop logging; the log since ``massv_steps_start``."""
+        del self.model_runner.execute_model  # the instance attribute: the class method again
+        return self._massv_steps
+
+    def massv_profile_start(self, batch_size: int = 1) -> list[str]:
+        """Wrap the phases in named profiler ranges. The profiler runs over the steps that decode
+        all ``batch_size`` requests (``decode_batch``): it starts at the first such step and stops
+        at the next step that is not one (prefills and the smaller tail batch stay out)."""
+        import torch
         from torch.profiler import ProfilerActivity, profile, record_function
 
         runner = self.model_runner
@@ -127,7 +168,8 @@ class CostProbe:
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         # Host wall time per phase is timed here (perf_counter); the profiler's own CPU times of
         # record_function ranges are not reliable for user annotations.
-        state = {"calls": 0, "profiled": 0, "running": False, "wall": {}, "starts": [], "graphs": {}}
+        state = {"calls": 0, "profiled": 0, "running": False, "done": False, "wall": {}, "starts": []}
+        state["graphs"] = {}
         undo: list[tuple[Any, str]] = []
         wrapped = []
         for owner, name, label in PHASES:
@@ -145,9 +187,14 @@ class CostProbe:
                         _count_graph_mode(state, "target")
                     if first:
                         state["calls"] += 1
-                        if state["calls"] == skip_steps + 1:
+                        full = decode_batch(a[0]) == batch_size
+                        if full and not state["running"] and not state["done"]:
                             prof.start()
                             state["running"] = True
+                        elif state["running"] and not full:
+                            torch.accelerator.synchronize()  # the last full step's kernels
+                            prof.stop()
+                            state["running"], state["done"] = False, True
                         state["profiled"] += state["running"]
                         if state["running"]:
                             state["starts"].append(time.perf_counter())
@@ -191,9 +238,12 @@ class CostProbe:
 
         prof, state, undo, (base, fc, orig_ctx) = self._massv_profile
         torch.accelerator.synchronize()
-        if not state["running"]:
-            raise RuntimeError(f"the profiler never started: only {state['calls']} engine steps ran")
-        prof.stop()
+        if not (state["running"] or state["done"]):
+            raise RuntimeError(
+                f"the profiler never started: none of {state['calls']} engine steps decoded the whole batch"
+            )
+        if state["running"]:
+            prof.stop()
         for obj, name in undo:
             delattr(obj, name)
         base.set_forward_context = fc.set_forward_context = orig_ctx

@@ -172,6 +172,34 @@ def test_decode_tpot_from_the_engines_request_timestamps():
     assert decode_tpot_ms([out(1.0, 1.0, 1)]) is None  # one token: no decode time
 
 
+def _sched(tokens, spec=None, new=()):
+    return SimpleNamespace(
+        num_scheduled_tokens=tokens, scheduled_spec_decode_tokens=spec or {}, scheduled_new_reqs=list(new)
+    )
+
+
+def test_decode_batch_counts_only_steps_that_purely_decode():
+    from benchmarks.cost_ext import decode_batch
+
+    drafts = {"a": [0, 0], "b": [0, 0]}
+    assert decode_batch(_sched({"a": 3, "b": 3}, drafts)) == 2  # 1 sampled + 2 drafts each
+    assert decode_batch(_sched({"a": 1, "b": 1})) == 2  # no speculation
+    assert decode_batch(_sched({"a": 3, "b": 90}, {"a": [0, 0]})) == 0  # b is prefilling
+    assert decode_batch(_sched({"a": 3, "b": 3}, drafts, new=["c"])) == 0  # a new request
+    assert decode_batch(_sched({"a": 3}, {"a": [0, 0, 0]})) == 0  # a prefill chunk of 3 is not 1 + 3
+    assert decode_batch(_sched({})) == 0  # the empty step after the last request
+
+
+def test_steady_step_ms_keeps_only_full_batch_decode_steps():
+    from benchmarks.cost import steady_step_ms
+
+    # (start s, decode batch): prefill, mixed, 3 full-batch steps, the smaller tail, empty
+    log = [(0.0, 0), (0.050, 0), (0.060, 4), (0.072, 4), (0.083, 4), (0.090, 3), (0.095, 0)]
+    assert steady_step_ms(log, 4) == pytest.approx([12.0, 11.0])  # the step at 0.083 has no end here
+    assert steady_step_ms(log, 3) == []
+    assert steady_step_ms([(0.0, 1), (0.004, 1)], 1) == pytest.approx([4.0])
+
+
 @pytest.mark.engine
 @pytest.mark.slow
 def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
@@ -194,9 +222,14 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
         assert r["tpot_ms"] == pytest.approx(
             sorted(r["tpot_ms_repeats"])[0] / 2 + sorted(r["tpot_ms_repeats"])[1] / 2
         )
-    # 4 decode tokens asked for, γ + 1 = 3 per forced-accepted step: rounded up to 2 whole steps
+        assert r["engine_tpot_ms"] > 0  # the request timestamps' estimate, beside it
+    # --tiny asks for 12 decode tokens, γ + 1 = 3 per forced-accepted step: 4 whole steps
     job = json.loads((tmp_path / "jobs" / "massv-g2.json").read_text())
-    assert {row["decode_tokens"] for row in job["rows"]} == {6}
+    assert {row["decode_tokens"] for row in job["rows"]} == {12}
+    # 4 steps per request after its prefill; at B=1 all decode the whole batch, 3 have an end (the
+    # next engine step is empty once the request is done)
+    b1 = next(row for row in job["rows"] if row["batch_size"] == 1)
+    assert b1["steady_steps"] == [3, 3]
     # --profile: the phases of a spec step, and how vLLM ran each forward. At B=1 every verify
     # forward carries γ + 1 = 3 tokens (CPU: no CUDA graphs, mode NONE); MASSV's loop drafted.
     prof = doc["profile"]["massv-g2"]["1"]

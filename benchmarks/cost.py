@@ -582,6 +582,30 @@ def run_job(
 # ---- the whole run --------------------------------------------------------------------------------
 
 
+def capture_sizes(batch_sizes: list[int], gammas: list[int]) -> list[int]:
+    """CUDA-graph sizes for the decode shapes measured, the same list for every engine (a much
+    shorter start than vLLM's ~40 default sizes, which reach 512 tokens):
+
+    * B tokens: a decode step without speculation;
+    * B·(γ+1): a verify step, and MASSV's later draft steps;
+    * B·(γ+2) and B·(2γ+1): the drafter's first pass, which adds one slot per request to the
+      B·(γ+1) verified tokens (γ slots with parallel drafting). Without these the first pass ran
+      eagerly at B=8 in the 2026-11-30 profile (graph mode NONE), a cost vLLM's default sizes
+      would not have.
+
+    A speculative engine rounds each size up to a multiple of γ+1 and drops what then exceeds the
+    largest size given, so the first-pass sizes are given already rounded for their γ."""
+
+    def up(n: int, m: int) -> int:
+        return -(-n // m) * m
+
+    sizes = set(batch_sizes)
+    for b in batch_sizes:
+        for g in gammas:
+            sizes |= {b * (g + 1), up(b * (g + 2), g + 1), up(b * (2 * g + 1), g + 1)}
+    return sorted(sizes)
+
+
 def engine_settings(
     family: str,
     batch_sizes: list[int],
@@ -608,11 +632,7 @@ def engine_settings(
         # One KV-cache group for the drafter's sliding + full layers; the same on every engine.
         kw["disable_hybrid_kv_cache_manager"] = True
     if on_gpu() and not (overrides or {}).get("enforce_eager"):
-        # Capture CUDA graphs only for the decode shapes measured (B tokens without speculation,
-        # B·(γ+1) with it): the same list for every engine, and a much shorter start than vLLM's
-        # ~40 default sizes. vLLM rounds them to multiples of γ+1 in speculative engines.
-        sizes = sorted({b for b in batch_sizes} | {b * (g + 1) for b in batch_sizes for g in gammas})
-        cc: dict[str, Any] = {"cudagraph_capture_sizes": sizes}
+        cc: dict[str, Any] = {"cudagraph_capture_sizes": capture_sizes(batch_sizes, gammas)}
         if compile_backend != "inductor":
             cc["backend"] = compile_backend
         kw["compilation_config"] = cc

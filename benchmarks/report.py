@@ -56,6 +56,8 @@ def run_metadata(settings: Mapping[str, Any], argv: Sequence[str] | None = None)
             "gpu": gpu_names(),
             "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
+            # host-bound timings (spec steps) slow down when other work shares the CPUs
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "python": platform.python_version(),
         },
         "versions": package_versions(),

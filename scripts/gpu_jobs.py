@@ -2,7 +2,7 @@
 
     python3 scripts/gpu_jobs.py list                       # names, expected seconds, what each shows
     python3 scripts/gpu_jobs.py run cost15 fp32-qwen       # on the GPU machine, after the kit's setup
-    python3 scripts/gpu_jobs.py lanes async cost15 --time-limit 560   # one job per GPU, side by side
+    python3 scripts/gpu_jobs.py lanes async-qwen bf16 --time-limit 560  # one job per GPU, side by side
 
 Each job runs from the repository root with its output teed to ``$OUT/<job>.log`` (the log comes
 back even when the call times out) and to stdout (the call's output tail). Its results are written
@@ -50,6 +50,11 @@ class Job:
     seconds: int  # expected wall time on one H200 (nvidia-h200-x2 for the multi-GPU jobs)
     shows: str
     results: str | None = "{out}"  # what goes into $OUT/<job>.tgz (None: nothing)
+
+    @property
+    def timed(self) -> bool:
+        """A ``benchmarks.cost`` run: its numbers are timings of host-bound engine steps."""
+        return self.argv[: len(COST)] == tuple(COST)
 
 
 def _pytest(*args: str, seconds: int, shows: str) -> Job:
@@ -285,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted({n for lane in lanes for n in lane} - set(JOBS))
     if unknown or not all(lanes):
         p.error(f"unknown job(s) {unknown} or an empty lane; the jobs: {', '.join(JOBS)}")
+    timed = sorted({n for lane in lanes for n in lane if JOBS[n].timed})
+    if len(lanes) > 1 and timed:
+        # On 2026-11-30 spec steps ran ~1.5x slower, and bimodal across repeats, beside a job on
+        # the other GPU: a spec step is host-bound, and the lanes share the host's CPUs.
+        p.error(f"timing job(s) {timed} must have the machine to themselves: use `run`, not lanes")
     total = max(sum(JOBS[n].seconds for n in lane) for lane in lanes)
     if total > 560:  # one device call ends at 600 s
         print(

@@ -240,3 +240,24 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("finished job rerun"))
     again = cost.main(argv)
     assert again["e2e"] == doc["e2e"]
+
+
+@pytest.mark.parametrize("gammas", [[5], [3, 5], [3, 5, 7]])
+def test_capture_sizes_cover_every_measured_forward_after_vllms_rounding(gammas):
+    """Each forward of a measured step gets a CUDA graph padded by less than one step's tokens:
+    the verify (B·(γ+1)) and the drafter's first pass (B·(γ+2), or B·(2γ+1) with parallel drafting),
+    checked against vLLM's own rounding of the sizes for a speculative engine."""
+    from vllm.config import CompilationConfig
+
+    from benchmarks.cost import capture_sizes
+
+    batch_sizes = [1, 8]
+    sizes = capture_sizes(batch_sizes, gammas)
+    for g in gammas:
+        cc = CompilationConfig(cudagraph_capture_sizes=sizes, max_cudagraph_capture_size=max(sizes))
+        cc.adjust_cudagraph_sizes_for_spec_decode(g + 1, 1)
+        captured = cc.cudagraph_capture_sizes
+        for b in batch_sizes:
+            for n in (b * (g + 1), b * (g + 2), b * (2 * g + 1)):
+                padded = min((s for s in captured if s >= n), default=None)
+                assert padded is not None and padded - n < g + 1, (g, b, n, captured)

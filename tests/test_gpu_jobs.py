@@ -129,6 +129,16 @@ def test_lanes_run_side_by_side_each_on_its_own_gpu(tmp_path, monkeypatch, devic
         gpu_jobs.main(["lanes", "a", "nope"])
 
 
+def test_timing_jobs_are_refused_in_lanes(device_out, capsys):
+    assert gpu_jobs.JOBS["cost15"].timed and gpu_jobs.JOBS["profile"].timed
+    assert not gpu_jobs.JOBS["async-qwen"].timed and not gpu_jobs.JOBS["world1"].timed
+    with pytest.raises(SystemExit):
+        gpu_jobs.main(["lanes", "async-qwen", "cost15"])
+    assert "['cost15'] must have the machine to themselves" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_jobs.main(["lanes", "parallel", "gemma"])  # two timing jobs disturb each other too
+
+
 def test_the_output_tail_drops_vllm_log_lines_the_log_keeps_them(tmp_path, monkeypatch, device_out, capsys):
     lines = "INFO 11-30 01:11:08 [x.py:1] engine up\\n(EngineCore pid=7) WARNING 11-30 01:12:55 [y.py:2] w\\n  36 prompts, 0 divergences"
     monkeypatch.setitem(

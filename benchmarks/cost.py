@@ -494,6 +494,8 @@ def measure(
     rows = []
     for b in batch_sizes:
         batch = prompts[:b]
+        # progress on stderr, so a stalled engine shows which batch size it stalled in
+        print(f"[cost]   B={b}: warm-up, then {repeats} repeats", file=sys.stderr, flush=True)
         _timed(llm, batch, n + 1)  # warm-up at this batch size (graphs, allocator)
         t1s, tns, engine, steady, counts = [], [], [], [], []
         before = SpecCounters.from_llm(llm)
@@ -513,6 +515,7 @@ def measure(
             steady.append(statistics.median(periods) / tokens_per_step)
             counts.append(len(periods))
             zero = zero and all(t == 0 for o in outs for t in o.outputs[0].token_ids)
+            print(f"[cost]   B={b}: TPOT {steady[-1]:.3f} ms", file=sys.stderr, flush=True)
         delta = SpecCounters.from_llm(llm) - before
         t1, tn = statistics.median(t1s), statistics.median(tns)
         have = [x for x in engine if x is not None]

@@ -44,6 +44,8 @@ reached the engine later) and ``wall_tpot_ms``, (time(n + 1 tokens) - time(1 tok
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import hashlib
 import json
 import shutil
@@ -111,6 +113,7 @@ JOB_KW = {"massv-async": ASYNC, "massv-fullgraph-async": ASYNC, "massv-parallel-
 PARALLEL = {"parallel_drafting": True}
 JOB_SPEC = {"massv-parallel": PARALLEL, "massv-parallel-async": PARALLEL}
 EXTENSION = "benchmarks.cost_ext.CostProbe"
+WATCHDOG_S = 240.0  # an engine job still measuring after this long prints its stacks
 
 # ---- shapes ------------------------------------------------------------------------------------
 
@@ -564,6 +567,9 @@ def run_job(
     with engine_env(env):
         llm = make_llm(str(model), spec, **engine_kw)
     startup = time.perf_counter() - t0
+    # An engine job takes ~45-80 s once started; past WATCHDOG_S both processes print their stacks.
+    faulthandler.dump_traceback_later(WATCHDOG_S, file=sys.stderr)
+    llm.collective_rpc("massv_watchdog", args=(WATCHDOG_S,))
     try:
         zeroed = llm.collective_rpc("massv_zero_final_norms")[0]
         if not zeroed.get("target") or (spec is not None and not zeroed.get("drafter")):
@@ -578,6 +584,9 @@ def run_job(
                 trace = trace_dir / f"trace-b{b}.json.gz" if trace_dir else None
                 profile[str(b)] = profile_decode(llm, prompts[:b], profile_steps, per_step, trace)
     finally:
+        faulthandler.cancel_dump_traceback_later()
+        with contextlib.suppress(Exception):  # the engine may be the thing that failed
+            llm.collective_rpc("massv_watchdog", args=(0,))
         shutdown(llm)
     return {"startup_s": startup, "zeroed": zeroed, "rows": rows, "profile": profile}
 

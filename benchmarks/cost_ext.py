@@ -136,6 +136,17 @@ class CostProbe:
             out["drafter"] = zero_final_norms(drafter.model)
         return out
 
+    def massv_watchdog(self, seconds: float) -> None:
+        """Dump every thread's Python stack to stderr (the job's log) if this engine is still busy
+        after ``seconds``; 0 cancels. With TP=1 the worker runs inside the engine-core process,
+        so a stalled engine shows where it stalls (the Gemma3-12B target stalled on 2026-11-30)."""
+        import faulthandler
+        import sys
+
+        faulthandler.cancel_dump_traceback_later()
+        if seconds > 0:
+            faulthandler.dump_traceback_later(seconds, file=sys.stderr)
+
     def massv_steps_start(self) -> None:
         """Log every engine step from now on: (start time, ``decode_batch``)."""
         runner = self.model_runner

@@ -261,3 +261,21 @@ def test_capture_sizes_cover_every_measured_forward_after_vllms_rounding(gammas)
             for n in (b * (g + 1), b * (g + 2), b * (2 * g + 1)):
                 padded = min((s for s in captured if s >= n), default=None)
                 assert padded is not None and padded - n < g + 1, (g, b, n, captured)
+
+
+def test_the_engine_watchdog_prints_the_stalled_stack_and_can_be_cancelled():
+    import subprocess
+    import sys
+
+    code = (
+        "import time\nfrom benchmarks.cost_ext import CostProbe\np = CostProbe()\n"
+        "p.massv_watchdog(0.3)\n{cancel}\n"
+        "def stalled_in_here():\n    time.sleep(1.0)\n"
+        "stalled_in_here()\n"
+    )
+    for cancel, expect in (("", True), ("p.massv_watchdog(0)", False)):
+        r = subprocess.run(
+            [sys.executable, "-c", code.format(cancel=cancel)], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0
+        assert ("stalled_in_here" in r.stderr) is expect, r.stderr

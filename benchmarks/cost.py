@@ -640,15 +640,26 @@ def engine_settings(
         enable_prefix_caching=False,  # every repeat pays the same prefill
         max_images=1,
     )
-    if family == "gemma3":
-        # One KV-cache group for the drafter's sliding + full layers; the same on every engine.
-        kw["disable_hybrid_kv_cache_manager"] = True
     if on_gpu() and not (overrides or {}).get("enforce_eager"):
         cc: dict[str, Any] = {"cudagraph_capture_sizes": capture_sizes(batch_sizes, gammas)}
         if compile_backend != "inductor":
             cc["backend"] = compile_backend
         kw["compilation_config"] = cc
     return kw | dict(overrides or {})
+
+
+def job_engine_kw(family: str, kw: dict[str, Any], mode: str, spec: dict[str, Any] | None) -> dict[str, Any]:
+    """One job's engine arguments: the shared ones, the job's own (``JOB_KW``), and for a Gemma3
+    speculative engine one KV-cache group for the drafter's sliding + full layers (what the
+    ``"massv"`` alias sets itself; stock ``draft_model`` needs it too). Engines without a drafter
+    keep vLLM's default hybrid KV manager: it only decides which blocks stay allocated, and at the
+    default settings (max_model_len 1024) no sequence outgrows Gemma3's 1024-token window, so the
+    compute is the same. (The
+    Gemma3-12B target alone with the manager off, on Model Runner V2, stalled on 2026-11-30.)"""
+    out = kw | JOB_KW.get(mode, {})
+    if family == "gemma3" and spec is not None:
+        out["disable_hybrid_kv_cache_manager"] = True
+    return out
 
 
 def run_cost(
@@ -743,7 +754,7 @@ def run_cost(
             batch_sizes,
             steps,
             repeats,
-            kw | JOB_KW.get(mode, {}),
+            job_engine_kw(shapes.family, kw, mode, spec),
             env=JOB_ENV.get(mode),
             profile_steps=profile_steps,
             trace_dir=trace_dir,

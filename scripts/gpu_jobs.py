@@ -102,6 +102,11 @@ JOBS: dict[str, Job] = {
         420,
         "where a spec step's time goes, per phase (issue 12)",
     ),
+    "trace": Job(
+        _cost(QWEN15, "target drafter massv-async", "5", "--profile", "4", "--trace"),
+        240,
+        "chrome traces of 4 async MASSV spec steps at B=1 and 8 (in trace.tgz): what keeps B=8 off the ceiling (issue 12)",
+    ),
     # One family per job: both together took 440 s for Qwen2.5-VL alone on 2026-11-30 (one engine
     # start per test, Inductor + CUDA graphs), so the pair does not fit one call.
     "fp32-qwen": _massv_gpu(

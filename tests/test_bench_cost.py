@@ -279,3 +279,21 @@ def test_the_engine_watchdog_prints_the_stalled_stack_and_can_be_cancelled():
         )
         assert r.returncode == 0
         assert ("stalled_in_here" in r.stderr) is expect, r.stderr
+
+
+def test_only_gemma3_speculative_engines_turn_the_hybrid_kv_manager_off():
+    from benchmarks.cost import job_engine_kw
+
+    base = {"max_num_seqs": 8}
+    spec = {"method": "massv", "model": "d", "num_speculative_tokens": 5}
+    assert job_engine_kw("gemma3", base, "massv", spec) == {
+        "max_num_seqs": 8,
+        "disable_hybrid_kv_cache_manager": True,
+    }
+    assert job_engine_kw("gemma3", base, "target", None) == {"max_num_seqs": 8}  # vLLM's default
+    assert job_engine_kw("qwen2_5_vl", base, "massv", spec) == {"max_num_seqs": 8}
+    assert job_engine_kw("qwen2_5_vl", base, "massv-async", spec) == {
+        "max_num_seqs": 8,
+        "async_scheduling": True,
+    }
+    assert base == {"max_num_seqs": 8}  # the shared arguments are not changed

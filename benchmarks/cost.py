@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cli
+from benchmarks.cost_ext import WATCHDOG_ENV
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -563,13 +564,14 @@ def run_job(
 ) -> dict[str, Any]:
     from massv_vllm.engine import engine_env, make_llm, shutdown
 
+    # An engine job takes ~45-80 s from its start; past WATCHDOG_S the frontend and the engine
+    # process print their Python stacks (the engine's is armed while it starts: cost_ext).
+    faulthandler.dump_traceback_later(WATCHDOG_S, file=sys.stderr)
     t0 = time.perf_counter()
-    with engine_env(env):
+    with engine_env({**(env or {}), WATCHDOG_ENV: str(WATCHDOG_S)}):
         llm = make_llm(str(model), spec, **engine_kw)
     startup = time.perf_counter() - t0
-    # An engine job takes ~45-80 s once started; past WATCHDOG_S both processes print their stacks.
-    faulthandler.dump_traceback_later(WATCHDOG_S, file=sys.stderr)
-    llm.collective_rpc("massv_watchdog", args=(WATCHDOG_S,))
+    llm.collective_rpc("massv_watchdog", args=(WATCHDOG_S,))  # re-armed from here
     try:
         zeroed = llm.collective_rpc("massv_zero_final_norms")[0]
         if not zeroed.get("target") or (spec is not None and not zeroed.get("drafter")):
@@ -654,12 +656,22 @@ def job_engine_kw(family: str, kw: dict[str, Any], mode: str, spec: dict[str, An
     ``"massv"`` alias sets itself; stock ``draft_model`` needs it too). Engines without a drafter
     keep vLLM's default hybrid KV manager: it only decides which blocks stay allocated, and at the
     default settings (max_model_len 1024) no sequence outgrows Gemma3's 1024-token window, so the
-    compute is the same. (The
-    Gemma3-12B target alone with the manager off, on Model Runner V2, stalled on 2026-11-30.)"""
+    compute is the same."""
     out = kw | JOB_KW.get(mode, {})
     if family == "gemma3" and spec is not None:
         out["disable_hybrid_kv_cache_manager"] = True
     return out
+
+
+def job_env(family: str, mode: str, spec: dict[str, Any] | None) -> dict[str, str] | None:
+    """Environment of one job's engine: the job's own (``JOB_ENV``), and for a Gemma3 engine
+    without a drafter vLLM's V1 model runner, which every speculative engine runs on anyway
+    (Model Runner V2 refuses ``draft_model``). The Gemma3-12B target on V2 never finished
+    starting on 2026-11-30 (twice: after its graph capture, in V2's kernel warm-up or later)."""
+    env = dict(JOB_ENV.get(mode) or {})
+    if family == "gemma3" and spec is None:
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    return env or None
 
 
 def run_cost(
@@ -755,7 +767,7 @@ def run_cost(
             steps,
             repeats,
             job_engine_kw(shapes.family, kw, mode, spec),
-            env=JOB_ENV.get(mode),
+            env=job_env(shapes.family, mode, spec),
             profile_steps=profile_steps,
             trace_dir=trace_dir,
         )

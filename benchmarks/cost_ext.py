@@ -25,6 +25,23 @@ import shutil
 import time
 from typing import Any
 
+WATCHDOG_ENV = "MASSV_COST_WATCHDOG_S"
+
+
+def _arm_watchdog_from_env() -> None:
+    """vLLM imports this module in the engine process while it starts the worker, so an engine
+    that stalls during its own start-up (the Gemma3-12B target did, after graph capture, on
+    2026-11-30) prints its Python stacks after ``$MASSV_COST_WATCHDOG_S`` seconds."""
+    import faulthandler
+    import sys
+
+    seconds = float(os.environ.get(WATCHDOG_ENV) or 0)
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, file=sys.stderr)
+
+
+_arm_watchdog_from_env()
+
 
 def _unwrap(model: Any) -> Any:
     return model.unwrap() if hasattr(model, "unwrap") else model

@@ -281,6 +281,17 @@ def test_the_engine_watchdog_prints_the_stalled_stack_and_can_be_cancelled():
         assert ("stalled_in_here" in r.stderr) is expect, r.stderr
 
 
+def test_gemma3_engines_without_a_drafter_run_on_the_v1_model_runner():
+    from benchmarks.cost import job_env
+
+    spec = {"method": "massv", "model": "d", "num_speculative_tokens": 5}
+    assert job_env("gemma3", "target", None) == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    assert job_env("gemma3", "drafter", None) == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    assert job_env("gemma3", "massv", spec) is None  # draft_model runs on V1 by itself
+    assert job_env("qwen2_5_vl", "target", None) is None
+    assert job_env("qwen2_5_vl", "massv-stockloop", spec) == {"MASSV_FAST_DRAFT": "0"}
+
+
 def test_only_gemma3_speculative_engines_turn_the_hybrid_kv_manager_off():
     from benchmarks.cost import job_engine_kw
 
@@ -297,3 +308,17 @@ def test_only_gemma3_speculative_engines_turn_the_hybrid_kv_manager_off():
         "async_scheduling": True,
     }
     assert base == {"max_num_seqs": 8}  # the shared arguments are not changed
+
+
+def test_the_watchdog_is_armed_in_the_engine_process_while_it_starts():
+    """An engine that stalls before any RPC reaches it still prints its stacks: the worker imports
+    benchmarks.cost_ext at start-up, which arms the dump from $MASSV_COST_WATCHDOG_S."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import time\nimport benchmarks.cost_ext\ndef stalled_at_start():\n    time.sleep(1.0)\nstalled_at_start()\n"
+    for seconds, expect in (("0.3", True), ("", False)):
+        env = {**os.environ, "MASSV_COST_WATCHDOG_S": seconds}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0 and ("stalled_at_start" in r.stderr) is expect, r.stderr

@@ -44,7 +44,6 @@ reached the engine later) and ``wall_tpot_ms``, (time(n + 1 tokens) - time(1 tok
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import hashlib
 import json
@@ -571,7 +570,6 @@ def run_job(
     with engine_env({**(env or {}), WATCHDOG_ENV: str(WATCHDOG_S)}):
         llm = make_llm(str(model), spec, **engine_kw)
     startup = time.perf_counter() - t0
-    llm.collective_rpc("massv_watchdog", args=(WATCHDOG_S,))  # re-armed from here
     try:
         zeroed = llm.collective_rpc("massv_zero_final_norms")[0]
         if not zeroed.get("target") or (spec is not None and not zeroed.get("drafter")):
@@ -587,8 +585,6 @@ def run_job(
                 profile[str(b)] = profile_decode(llm, prompts[:b], profile_steps, per_step, trace)
     finally:
         faulthandler.cancel_dump_traceback_later()
-        with contextlib.suppress(Exception):  # the engine may be the thing that failed
-            llm.collective_rpc("massv_watchdog", args=(0,))
         shutdown(llm)
     return {"startup_s": startup, "zeroed": zeroed, "rows": rows, "profile": profile}
 

@@ -30,8 +30,9 @@ WATCHDOG_ENV = "MASSV_COST_WATCHDOG_S"
 
 def _arm_watchdog_from_env() -> None:
     """vLLM imports this module in the engine process while it starts the worker, so an engine
-    that stalls during its own start-up (the Gemma3-12B target did, after graph capture, on
-    2026-11-30) prints its Python stacks after ``$MASSV_COST_WATCHDOG_S`` seconds."""
+    still busy ``$MASSV_COST_WATCHDOG_S`` seconds later, in its start-up (the Gemma3-12B target
+    stalled after graph capture on 2026-11-30) or in a measurement, prints its Python stacks. The
+    process ends with its job, so the timer needs no cancelling."""
     import faulthandler
     import sys
 
@@ -153,17 +154,6 @@ class CostProbe:
             out["drafter"] = zero_final_norms(drafter.model)
         return out
 
-    def massv_watchdog(self, seconds: float) -> None:
-        """Dump every thread's Python stack to stderr (the job's log) if this engine is still busy
-        after ``seconds``; 0 cancels. With TP=1 the worker runs inside the engine-core process,
-        so a stalled engine shows where it stalls (the Gemma3-12B target stalled on 2026-11-30)."""
-        import faulthandler
-        import sys
-
-        faulthandler.cancel_dump_traceback_later()
-        if seconds > 0:
-            faulthandler.dump_traceback_later(seconds, file=sys.stderr)
-
     def massv_steps_start(self) -> None:
         """Log every engine step from now on: (start time, ``decode_batch``)."""
         runner = self.model_runner
@@ -196,8 +186,9 @@ class CostProbe:
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         # Host wall time per phase is timed here (perf_counter); the profiler's own CPU times of
         # record_function ranges are not reliable for user annotations.
-        state = {"calls": 0, "profiled": 0, "running": False, "done": False, "wall": {}, "starts": []}
-        state["graphs"] = {}
+        state: dict[str, Any] = dict(
+            calls=0, profiled=0, running=False, done=False, wall={}, starts=[], graphs={}
+        )
         undo: list[tuple[Any, str]] = []
         wrapped = []
         for owner, name, label in PHASES:

@@ -263,6 +263,35 @@ def test_capture_sizes_cover_every_measured_forward_after_vllms_rounding(gammas)
                 assert padded is not None and padded - n < g + 1, (g, b, n, captured)
 
 
+def test_gemma3_engines_without_a_drafter_run_on_the_v1_model_runner():
+    from benchmarks.cost import job_env
+
+    spec = {"method": "massv", "model": "d", "num_speculative_tokens": 5}
+    assert job_env("gemma3", "target", None) == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    assert job_env("gemma3", "drafter", None) == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    assert job_env("gemma3", "massv", spec) is None  # draft_model runs on V1 by itself
+    assert job_env("qwen2_5_vl", "target", None) is None
+    assert job_env("qwen2_5_vl", "massv-stockloop", spec) == {"MASSV_FAST_DRAFT": "0"}
+
+
+def test_only_gemma3_speculative_engines_turn_the_hybrid_kv_manager_off():
+    from benchmarks.cost import job_engine_kw
+
+    base = {"max_num_seqs": 8}
+    spec = {"method": "massv", "model": "d", "num_speculative_tokens": 5}
+    assert job_engine_kw("gemma3", base, "massv", spec) == {
+        "max_num_seqs": 8,
+        "disable_hybrid_kv_cache_manager": True,
+    }
+    assert job_engine_kw("gemma3", base, "target", None) == {"max_num_seqs": 8}  # vLLM's default
+    assert job_engine_kw("qwen2_5_vl", base, "massv", spec) == {"max_num_seqs": 8}
+    assert job_engine_kw("qwen2_5_vl", base, "massv-async", spec) == {
+        "max_num_seqs": 8,
+        "async_scheduling": True,
+    }
+    assert base == {"max_num_seqs": 8}  # the shared arguments are not changed
+
+
 def test_the_watchdog_is_armed_in_the_engine_process_while_it_starts():
     """An engine that stalls before any RPC reaches it still prints its stacks: the worker imports
     benchmarks.cost_ext at start-up, which arms the dump from $MASSV_COST_WATCHDOG_S."""

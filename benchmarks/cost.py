@@ -37,7 +37,9 @@ Decode time per token (TPOT) is the steady decode step time over the tokens a re
 step (1, or γ + 1 at forced acceptance): the median duration of the engine steps that decode the
 whole batch and nothing else, timed in the worker (``measure``), over n decode tokens with
 ``ignore_eos``; a spec engine decodes whole forced-acceptance steps. The median of ``--repeats``
-runs is reported with their spread. Two older estimates stay beside it: ``engine_tpot_ms`` from
+runs is reported with their fastest and their spread, and each repeat records the host's CPU
+steal and the container's quota throttling (``host_sample``): on the GPU machine, a VM, spec
+engines' repeats were bimodal. Two older estimates stay beside it: ``engine_tpot_ms`` from
 vLLM's per-request first/last-token timestamps (at B > 1 it carries the prefills of requests that
 reached the engine later) and ``wall_tpot_ms``, (time(n + 1 tokens) - time(1 token)) / n.
 """
@@ -481,6 +483,57 @@ def steady_step_ms(log: list[tuple[float, int]], batch_size: int) -> list[float]
     return [(t1 - t0) * 1e3 for (t0, b0), (t1, b1) in zip(log, log[1:]) if b0 == b1 == batch_size]
 
 
+# cgroup v2, then v1: CPU-quota throttling of this container (microseconds, nanoseconds)
+THROTTLE_FILES = (
+    ("/sys/fs/cgroup/cpu.stat", "throttled_usec", 1e-3),
+    ("/sys/fs/cgroup/cpu/cpu.stat", "throttled_time", 1e-6),
+)
+
+
+def host_sample(stat: str = "/proc/stat", throttle_files: tuple = THROTTLE_FILES) -> dict[str, float]:
+    """Counters of outside interference with the host's CPUs: the whole machine's steal, idle
+    (+ iowait) and total jiffies from ``/proc/stat``, and the container's CPU-quota throttled time
+    (ms) from its cgroup; keys missing where the files are. Steal is time the hypervisor gave this
+    VM's CPUs to someone else. The GPU machine is a VM whose spec-step timings were bimodal across
+    repeats (2026-11-30: ~+10 ms per step in the slow repeats), so each repeat records these."""
+    out: dict[str, float] = {}
+    try:
+        with open(stat) as f:
+            fields = f.readline().split()
+        vals = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        if fields[0] == "cpu" and len(vals) == 8:
+            # guest time is already inside user and nice
+            out.update(steal=vals[7], idle=vals[3] + vals[4], total=sum(vals))
+    except (OSError, ValueError, IndexError):
+        pass
+    for path, key, to_ms in throttle_files:
+        try:
+            with open(path) as f:
+                stats = dict(line.split() for line in f if len(line.split()) == 2)
+            out["throttled_ms"] = int(stats[key]) * to_ms
+            break
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
+def host_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Between two ``host_sample``s: the stolen and busy shares of all CPUs' time, and the ms
+    the container was throttled (None where a counter is missing)."""
+    total = after.get("total", 0) - before.get("total", 0)
+    jiffies = total > 0 and "total" in before and "total" in after
+    throttled = "throttled_ms" in before and "throttled_ms" in after
+    return {
+        "steal": (after["steal"] - before["steal"]) / total if jiffies else None,
+        "busy": 1 - (after["idle"] - before["idle"]) / total if jiffies else None,
+        "throttled_ms": after["throttled_ms"] - before["throttled_ms"] if throttled else None,
+    }
+
+
+def fmt_share(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
 def measure(
     llm: Any, prompts: list[Any], batch_sizes: list[int], steps: int, repeats: int, tokens_per_step: int = 1
 ) -> list[dict[str, Any]]:
@@ -500,13 +553,15 @@ def measure(
         # progress on stderr, so a stalled engine shows which batch size it stalled in
         print(f"[cost]   B={b}: warm-up, then {repeats} repeats", file=sys.stderr, flush=True)
         _timed(llm, batch, n + 1)  # warm-up at this batch size (graphs, allocator)
-        t1s, tns, engine, steady, counts = [], [], [], [], []
+        t1s, tns, engine, steady, counts, cpu = [], [], [], [], [], []
         before = SpecCounters.from_llm(llm)
         zero = True
         for _ in range(repeats):
             t1, _ = _timed(llm, batch, 1)
             llm.collective_rpc("massv_steps_start")
+            h0 = host_sample()
             tn, outs = _timed(llm, batch, n + 1)
+            cpu.append(host_shares(h0, host_sample()))
             periods = steady_step_ms(llm.collective_rpc("massv_steps_stop")[0], b)
             if not periods:
                 raise RuntimeError(
@@ -518,7 +573,12 @@ def measure(
             steady.append(statistics.median(periods) / tokens_per_step)
             counts.append(len(periods))
             zero = zero and all(t == 0 for o in outs for t in o.outputs[0].token_ids)
-            print(f"[cost]   B={b}: TPOT {steady[-1]:.3f} ms", file=sys.stderr, flush=True)
+            print(
+                f"[cost]   B={b}: TPOT {steady[-1]:.3f} ms, CPU steal {fmt_share(cpu[-1]['steal'])}"
+                f" busy {fmt_share(cpu[-1]['busy'])} throttled {fmt(cpu[-1]['throttled_ms'])} ms",
+                file=sys.stderr,
+                flush=True,
+            )
         delta = SpecCounters.from_llm(llm) - before
         t1, tn = statistics.median(t1s), statistics.median(tns)
         have = [x for x in engine if x is not None]
@@ -529,6 +589,7 @@ def measure(
                 "tpot_ms": statistics.median(steady),
                 "tpot_ms_repeats": steady,
                 "steady_steps": counts,
+                "cpu_repeats": cpu,
                 "engine_tpot_ms": statistics.median(have) if have else None,
                 "wall_tpot_ms": max(tn - t1, 0.0) / n * 1e3,
                 "decode_tokens": n,
@@ -838,6 +899,7 @@ def summarise(
                     "tpot_ms": r["tpot_ms"],
                     # per repeat, so the spread of a cell is on record (older jobs lack them)
                     "tpot_ms_repeats": r.get("tpot_ms_repeats", []),
+                    "cpu_repeats": r.get("cpu_repeats", []),
                     "engine_tpot_ms": r.get("engine_tpot_ms"),
                     "wall_tpot_ms": r.get("wall_tpot_ms", r["tpot_ms"]),
                     "prefill_s": r["prefill_s"],
@@ -886,6 +948,7 @@ SCHEMA = {
             "batch_size": int,
             "tpot_ms": NUM,
             "tpot_ms_repeats": ListOf(NUM),
+            "cpu_repeats": ListOf({"steal": Opt(NUM), "busy": Opt(NUM), "throttled_ms": Opt(NUM)}),
             "engine_tpot_ms": Opt(NUM),
             "wall_tpot_ms": NUM,
             "prefill_s": NUM,
@@ -939,22 +1002,27 @@ def format_report(doc: dict[str, Any]) -> str:
     rows = []
     for r in doc["e2e"]:
         label = r["mode"] if r["gamma"] is None else f"{r['mode']} γ={r['gamma']}"
+        reps = r.get("tpot_ms_repeats") or []
+        ceiling = r["predicted_full_acceptance"]
+        none = r["speedup_vs_none"] and r["speedup_vs_none"] * r["tpot_ms"]  # the target's TPOT
+        steal = [c["steal"] for c in r.get("cpu_repeats") or [] if c["steal"] is not None]
+        throttled = [c["throttled_ms"] for c in r.get("cpu_repeats") or [] if c["throttled_ms"] is not None]
         rows.append(
             [
                 label,
                 r["batch_size"],
                 fmt(r["tpot_ms"], 3),
-                _spread(r.get("tpot_ms_repeats") or []),
+                fmt(min(reps) if reps else None, 3),
+                _spread(reps),
+                fmt_share(max(steal)) if steal else "-",
+                fmt(max(throttled), 1) if throttled else "-",
                 fmt(r.get("engine_tpot_ms"), 3),
                 fmt(r["mal"]),
                 "yes" if r["all_tokens_zero"] else "NO",
                 fmt(r["speedup_vs_none"]),
-                fmt(r["predicted_full_acceptance"]),
-                fmt(
-                    None
-                    if not r["predicted_full_acceptance"] or r["speedup_vs_none"] is None
-                    else r["speedup_vs_none"] / r["predicted_full_acceptance"]
-                ),
+                fmt(ceiling),
+                fmt(None if not ceiling or r["speedup_vs_none"] is None else r["speedup_vs_none"] / ceiling),
+                fmt(None if not ceiling or not none or not reps else none / min(reps) / ceiling),
                 *[fmt(r["predicted_at_mal"].get(f"{t:.2f}")) for t in mals],
             ]
         )
@@ -964,18 +1032,24 @@ def format_report(doc: dict[str, Any]) -> str:
                 "engine",
                 "B",
                 "TPOT ms",
+                "fastest",
                 "spread",
+                "max steal",
+                "max throttled ms",
                 "request TPOT",
                 "MAL",
                 "tokens=0",
                 "speed-up",
                 "ceiling",
                 "of ceiling",
+                "fastest of ceiling",
                 *[f"at MAL {t:.2f}" for t in mals],
             ],
             rows,
             "end to end at forced 100% acceptance (TPOT: steady full-batch decode step time per token,"
-            " median of the repeats, spread = their (max-min)/median; request TPOT: from vLLM's"
+            " median of the repeats, fastest = their minimum, spread = their (max-min)/median; max steal:"
+            " the most CPU time the VM's hypervisor took away during a repeat; max throttled: the most time"
+            " the container's CPU quota held it back in a repeat; request TPOT: from vLLM's"
             " per-request timestamps, prefills of later requests included; speed-up over no speculation, same engine settings;"
             " ceiling = (γ+1)·T_target/(T_target+γ·T_drafter); 'at MAL τ' = τ·T_target / measured step)",
         )

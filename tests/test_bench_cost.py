@@ -200,6 +200,33 @@ def test_steady_step_ms_keeps_only_full_batch_decode_steps():
     assert steady_step_ms([(0.0, 1), (0.004, 1)], 1) == pytest.approx([4.0])
 
 
+def test_host_sample_reads_steal_idle_and_cgroup_throttling(tmp_path):
+    from benchmarks.cost import host_sample, host_shares
+
+    def sample(user, idle, iowait, steal, throttled_us, v2=True):
+        stat = tmp_path / "stat"
+        # user nice system idle iowait irq softirq steal guest guest_nice
+        stat.write_text(f"cpu  {user} 0 100 {idle} {iowait} 0 0 {steal} 50 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+        v2_file, v1_file = tmp_path / "v2.stat", tmp_path / "v1.stat"
+        if v2:
+            v2_file.write_text(f"usage_usec 5\nnr_throttled 2\nthrottled_usec {throttled_us}\n")
+        else:
+            v1_file.write_text(f"nr_periods 3\nnr_throttled 2\nthrottled_time {throttled_us * 1000}\n")
+        files = ((str(v2_file), "throttled_usec", 1e-3), (str(v1_file), "throttled_time", 1e-6))
+        return host_sample(str(stat), files)
+
+    a = sample(1000, 5000, 0, 0, 0)
+    assert a == {"steal": 0, "idle": 5000, "total": 6100, "throttled_ms": 0.0}
+    # 1000 jiffies pass: 300 user, 500 idle, 100 iowait, 100 stolen; 25 ms throttled
+    b = sample(1300, 5500, 100, 100, 25_000)
+    assert host_shares(a, b) == pytest.approx({"steal": 0.1, "busy": 0.4, "throttled_ms": 25.0})
+    (tmp_path / "v2.stat").unlink()
+    assert sample(1000, 5000, 0, 0, 7_000, v2=False)["throttled_ms"] == pytest.approx(7.0)  # cgroup v1
+    # no such files (not Linux): no counters, and the shares say so instead of failing
+    none = host_sample(str(tmp_path / "missing"), ())
+    assert none == {} and host_shares(none, none) == {"steal": None, "busy": None, "throttled_ms": None}
+
+
 @pytest.mark.engine
 @pytest.mark.slow
 def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
@@ -230,6 +257,8 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     # next engine step is empty once the request is done)
     b1 = next(row for row in job["rows"] if row["batch_size"] == 1)
     assert b1["steady_steps"] == [3, 3]
+    # each repeat records the host's CPU interference (this Linux machine has /proc/stat)
+    assert len(b1["cpu_repeats"]) == 2 and all(0 <= c["steal"] <= 1 for c in b1["cpu_repeats"])
     # --profile: the phases of a spec step, and how vLLM ran each forward. At B=1 every verify
     # forward carries γ + 1 = 3 tokens (CPU: no CUDA graphs, mode NONE); MASSV's loop drafted.
     prof = doc["profile"]["massv-g2"]["1"]

@@ -298,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown job(s) {unknown} or an empty lane; the jobs: {', '.join(JOBS)}")
     timed = sorted({n for lane in lanes for n in lane if JOBS[n].timed})
     if len(lanes) > 1 and timed:
-        # On 2026-11-30 spec steps ran ~1.5x slower, and bimodal across repeats, beside a job on
-        # the other GPU: a spec step is host-bound, and the lanes share the host's CPUs.
+        # A spec step is host-bound and lanes share the host's CPUs: beside a job on the other GPU
+        # spec steps ran ~1.5x slower (2026-11-30). Alone they were still bimodal across repeats
+        # (third session), so the machine adds noise of its own; lanes would add more.
         p.error(f"timing job(s) {timed} must have the machine to themselves: use `run`, not lanes")
     total = max(sum(JOBS[n].seconds for n in lane) for lane in lanes)
     if total > 560:  # one device call ends at 600 s

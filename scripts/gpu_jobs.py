@@ -92,6 +92,12 @@ JOBS: dict[str, Job] = {
         360,
         "the first draft pass as a full CUDA graph, beside the default loop (issue 12)",
     ),
+    "noise": Job(
+        _cost(QWEN15, "target massv-async", "5", "--repeats", "25"),
+        150,
+        "25 repeats of one async MASSV engine with each repeat's CPU steal and throttling: are the "
+        "bimodal repeats outside interference? (issue 12)",
+    ),
     "gemma": Job(
         _cost("gemma3-12b/gemma3-1b", "target drafter stock massv massv-async", "5"),
         420,

@@ -6,6 +6,7 @@ Only the last test starts an engine (tiny shapes on CPU, one MASSV engine); it i
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -156,6 +157,28 @@ def test_summary_maths():
     doc = {"preset": "p", **s}
     text = format_report(doc)
     assert "c = drafter/target" in text and "massv γ=5" in text
+
+
+def test_report_shows_the_fastest_repeat_and_the_host_interference():
+    massv = _row(1, 2.0, 6.0)
+    massv["tpot_ms_repeats"] = [2.0, 2.5, 1.6]
+    massv["cpu_repeats"] = [
+        {"steal": 0.0, "busy": 0.1, "throttled_ms": 0.0},
+        {"steal": 0.05, "busy": 0.2, "throttled_ms": 12.5},
+        {"steal": None, "busy": None, "throttled_ms": None},
+    ]
+    results = {"target": _job([_row(1, 10.0)]), "drafter": _job([_row(1, 1.0)]), "massv-g5": _job([massv])}
+    text = format_report({"preset": "p", **summarise(results, [1], [5], [])})
+    header = next(line for line in text.splitlines() if line.startswith("engine") and "fastest" in line)
+    row = next(line for line in text.splitlines() if line.startswith("massv γ=5"))
+    cells = dict(zip(re.split(r"\s{2,}", header.strip()), re.split(r"\s{2,}", row.strip())))
+    # ceiling (γ+1)·T/(T+γ·T_d) = 6·10/(10+5) = 4.0; median 2.0 ms -> 5.0x -> 1.25 of it;
+    # fastest 1.6 ms -> 6.25x -> 1.5625 of it
+    assert cells["TPOT ms"] == "2.000" and cells["fastest"] == "1.600" and cells["spread"] == "45%"
+    assert (
+        cells["ceiling"] == "4.00" and cells["of ceiling"] == "1.25" and cells["fastest of ceiling"] == "1.56"
+    )
+    assert cells["max steal"] == "5.0%" and cells["max throttled ms"] == "12.5"
 
 
 def test_decode_tpot_from_the_engines_request_timestamps():

@@ -28,14 +28,16 @@ Positions, KV slots and sequence lengths advance with vLLM's own kernel
 (``eagle_step_update_slot_mapping_and_metadata``), exactly as in the stock loop. The first draft
 step (the target's verified tokens plus the bonus token) is vLLM's own code; with
 ``MASSV_FAST_DRAFT_FIRST_PASS=1`` its forward also runs as a full graph when the batch is
-decode-shaped (γ+1 verified tokens and one bonus slot per request, no image in the window): vLLM's
-``set_inputs_first_pass`` still lays out inputs, positions and KV slots, the graph runs the
-drafter over n·(γ+2) slots and samples at the bonus slots.
+decode-shaped (γ+1 verified tokens per request, no image in the window): vLLM's
+``set_inputs_first_pass`` still lays out inputs, positions and KV slots (γ+1 + e slots per
+request: e = 1 bonus slot, or with parallel drafting the bonus slot and γ-1 mask slots, e = γ), the
+graph runs the drafter over n·(γ+1+e) slots and samples at the e new slots of each request. With
+parallel drafting that one pass is the whole proposal.
 
 On a machine without CUDA graphs (vLLM's CPU backend, ``enforce_eager``) the loop runs the same
 steps eagerly, so the CPU engine tests cover its arithmetic. Cases it does not handle (sampled
-drafts, parallel drafting, data parallelism, more requests than the largest capture size) go to
-vLLM's own ``propose``.
+drafts, data parallelism, more requests than the largest capture size; with parallel drafting,
+anything but a decode-shaped first pass with the switch on) go to vLLM's own ``propose``.
 """
 
 from __future__ import annotations
@@ -87,9 +89,16 @@ class DraftDecodeLoop:
 
         self.first_pass_graphs = switch("MASSV_FAST_DRAFT_FIRST_PASS").enabled()
         self.gamma = proposer.num_speculative_tokens
+        self.parallel = bool(proposer.parallel_drafting)
+        # New slots per request in the first pass, each one sampled: the bonus token's, plus γ-1
+        # mask tokens' with parallel drafting (vLLM's extra_slots_per_request; a draft model
+        # passes no hidden states, so all of them are new). Slots per request: γ+1 verified + these.
+        self.fp_new = proposer.extra_slots_per_request
+        self.fp_q = self.gamma + 1 + self.fp_new
         self.fp_query_start_loc = torch.zeros(self.max_reqs + 1, dtype=torch.int32, device=dev)
         self.fp_seq_lens = torch.zeros(self.max_reqs, dtype=torch.int32, device=dev)
-        self.fp_sample_index = torch.zeros(self.max_reqs, dtype=torch.int64, device=dev)
+        self.fp_sample_index = torch.zeros(self.max_reqs * self.fp_new, dtype=torch.int64, device=dev)
+        self.fp_tokens = torch.zeros(self.max_reqs * self.fp_new, dtype=torch.int64, device=dev)
         self.graph = self.fp_graph = None
         if self.use_graphs:
             from vllm.compilation.cuda_graph import CUDAGraphWrapper
@@ -111,7 +120,9 @@ class DraftDecodeLoop:
 
     def handles(self, num_speculative_tokens: int, batch_size: int, sampling_metadata: Any) -> bool:
         p = self.p
-        if num_speculative_tokens < 2 or p.parallel_drafting or p.use_heterogeneous_vocab:
+        if num_speculative_tokens < 2 or p.use_heterogeneous_vocab:
+            return False
+        if self.parallel and not self.first_pass_graphs:  # one pass: nothing left for this loop
             return False
         if p._enable_probabilistic_draft_probs and not sampling_metadata.all_greedy:
             return False
@@ -140,9 +151,10 @@ class DraftDecodeLoop:
         return self.tokens[:n]
 
     def _first_pass_forward(self, num_tokens: int) -> torch.Tensor:
-        """The first draft pass over ``num_tokens`` = n·(γ+2) slots; captured as a full graph."""
+        """The first draft pass over ``num_tokens`` = n·(γ+1+e) slots, sampling e tokens per
+        request; captured as a full graph."""
         p = self.p
-        n = num_tokens // (self.gamma + 2)
+        k = num_tokens // self.fp_q * self.fp_new
         ids = p.input_ids[:num_tokens]
         if p.supports_mm_inputs:
             p.inputs_embeds[:num_tokens] = p.model.embed_input_ids(ids)
@@ -151,8 +163,8 @@ class DraftDecodeLoop:
             )
         else:
             hidden = p.model(input_ids=ids, positions=p.positions[:num_tokens], inputs_embeds=None)
-        self.tokens[:n] = p._greedy_sample(hidden[self.fp_sample_index[:n]])
-        return self.tokens[:n]
+        self.fp_tokens[:k] = p._greedy_sample(hidden[self.fp_sample_index[:k]])
+        return self.fp_tokens[:k]
 
     def _attn_metadata(
         self,
@@ -196,9 +208,9 @@ class DraftDecodeLoop:
     def _run(
         self, n: int, per_layer: dict[str, Any], capture: bool = False, first_pass: bool = False
     ) -> torch.Tensor:
-        """One step over ``n`` requests: the decode step (one token each) or the first pass (γ+2
+        """One step over ``n`` requests: the decode step (one token each) or the first pass (γ+1+e
         slots each); graph replay (capture) on CUDA, eager elsewhere."""
-        tokens = n * (self.gamma + 2) if first_pass else n
+        tokens = n * self.fp_q if first_pass else n
         graph, fn = (self.fp_graph, self._first_pass_forward) if first_pass else (self.graph, self._forward)
         full = graph is not None and (capture or self.captured)
         with self._context(per_layer, n, tokens, full):
@@ -233,25 +245,32 @@ class DraftDecodeLoop:
             p.positions[:n] = 0
             p.input_ids[:n] = 0
             p._slot_mapping_buffer[:n] = PADDING_SLOT_ID  # dummy steps write no KV
-            per_layer = self._attn_metadata(n, n, p.max_model_len, self.block_table)
-            with self._context(per_layer, n, n, full=False):
-                self._forward(n)  # warm-up (lazy initialisation, autotuning) outside the graph
-            self._run(n, per_layer, capture=True)
-            if self.fp_graph is not None and n * (self.gamma + 2) <= p.max_num_tokens:
+            if not self.parallel:  # parallel drafting has no decode steps after the first pass
+                per_layer = self._attn_metadata(n, n, p.max_model_len, self.block_table)
+                with self._context(per_layer, n, n, full=False):
+                    self._forward(n)  # warm-up (lazy initialisation, autotuning) outside the graph
+                self._run(n, per_layer, capture=True)
+            if self.fp_graph is not None and n * self.fp_q <= p.max_num_tokens:
                 self._capture_first_pass(n)
         self.captured = True
-        logger.info("massv-vllm: captured full CUDA graphs of the draft decode step for sizes %s", self.sizes)
+        logger.info(
+            "massv-vllm: captured full CUDA graphs of the %s for sizes %s",
+            "parallel draft pass" if self.parallel else "draft decode step",
+            self.sizes,
+        )
 
     def _capture_first_pass(self, n: int) -> None:
         from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
 
         p = self.p
-        q = self.gamma + 2
+        q, e = self.fp_q, self.fp_new
         tokens = n * q
         arange = torch.arange(n + 1, dtype=torch.int32, device=p.device)
         self.fp_query_start_loc[: n + 1] = arange * q
         self.fp_seq_lens[:n] = q
-        self.fp_sample_index[:n] = arange[:n] * q + q - 1
+        # the last e slots of each request (where vLLM puts the new ones)
+        last = torch.arange(q - e, q, device=p.device)
+        self.fp_sample_index[: n * e] = (arange[:n, None] * q + last).flatten()
         p.input_ids[:tokens] = 0
         p.positions[:tokens] = 0
         p._slot_mapping_buffer[:tokens] = PADDING_SLOT_ID
@@ -266,7 +285,8 @@ class DraftDecodeLoop:
     # ---- the first pass -------------------------------------------------------------------------
 
     def handles_first_pass(self, cad: Any, mm_embed_inputs: Any, num_speculative_tokens: int) -> bool:
-        """A decode-shaped batch: every request has γ+1 verified tokens and no image in its window."""
+        """A decode-shaped batch: every request has γ+1 verified tokens and no image in its window
+        (``cad`` before vLLM's ``set_inputs_first_pass``)."""
         if not self.first_pass_graphs or num_speculative_tokens != self.gamma:
             return False
         if mm_embed_inputs is not None and len(mm_embed_inputs[0]) > 0:
@@ -280,21 +300,21 @@ class DraftDecodeLoop:
 
     def first_pass(self, cad: Any, sample_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first draft pass after vLLM's ``set_inputs_first_pass`` (which wrote input ids and
-        positions and built ``cad`` for γ+2 slots per request); returns (draft tokens, their
-        positions)."""
+        positions and built ``cad`` for γ+1+e slots per request); returns (draft tokens [b·e],
+        their positions)."""
         from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
 
         p = self.p
         b = cad.batch_size()
         n = self.padded_size(b)
         assert n is not None
-        q = self.gamma + 2
+        q, e = self.fp_q, self.fp_new
         used, tokens = b * q, n * q
         torch.mul(torch.clamp(p.arange[: n + 1], max=b), q, out=self.fp_query_start_loc[: n + 1])
         self.fp_seq_lens[:b] = cad.seq_lens[:b]
         self.fp_seq_lens[b:n] = 0
-        self.fp_sample_index[:b] = sample_index[:b]
-        self.fp_sample_index[b:n] = 0
+        self.fp_sample_index[: b * e] = sample_index[: b * e]
+        self.fp_sample_index[b * e : n * e] = 0
         p._slot_mapping_buffer[:used] = cad.slot_mapping[:used]
         p._slot_mapping_buffer[used:tokens] = PADDING_SLOT_ID
         if self.use_graphs:
@@ -306,7 +326,7 @@ class DraftDecodeLoop:
         per_layer = self._attn_metadata(
             n, b, cad.max_seq_len, table, q, self.fp_query_start_loc, self.fp_seq_lens
         )
-        first = self._run(n, per_layer, first_pass=True)[:b].clone()
+        first = self._run(n, per_layer, first_pass=True)[: b * e].clone()
         self.first_pass_calls += 1
         return first, p.positions[sample_index]
 

@@ -67,16 +67,18 @@ PROPOSE_PARAMS = (
 )
 
 
-def fast_propose(self, loop, kw: dict) -> torch.Tensor:
+def fast_propose(self, loop, kw: dict, fast_first_pass: bool) -> torch.Tensor:
     """vLLM's ``propose`` for a draft model, with steps 2..γ run by ``loop`` (patches/_draft_loop.py).
 
     The first pass is vLLM's own code, method for method (llm_base_proposer.propose, vLLM 0.26.0);
-    with ``MASSV_FAST_DRAFT_FIRST_PASS`` its forward runs in ``loop`` too for decode-shaped batches."""
+    with ``fast_first_pass`` (``MASSV_FAST_DRAFT_FIRST_PASS``, decode-shaped batches) its forward
+    runs in ``loop`` too. With parallel drafting the first pass is the whole proposal, and this is
+    called only with ``fast_first_pass``."""
     from vllm.forward_context import set_forward_context
 
     cad = kw["common_attn_metadata"]
     num_rejected = kw["num_rejected_tokens_gpu"]
-    fast_first_pass = loop.handles_first_pass(cad, kw["mm_embed_inputs"], kw["num_speculative_tokens"])
+    batch_size = cad.batch_size()
     self.num_speculative_tokens = kw["num_speculative_tokens"]
     self._last_draft_probs = None
     num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
@@ -89,7 +91,11 @@ def fast_propose(self, loop, kw: dict) -> torch.Tensor:
         num_rejected_tokens_gpu=num_rejected,
     )
     if fast_first_pass:
+        # decode-shaped in (b·(γ+1) tokens), so vLLM's layout has γ+1+e slots per request
+        assert num_tokens == batch_size * loop.fp_q, (num_tokens, batch_size, loop.fp_q)
         first, positions = loop.first_pass(cad, token_indices_to_sample)
+        if loop.parallel:
+            return first.view(-1, self.num_speculative_tokens)
     else:
         _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
         mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
@@ -166,7 +172,12 @@ def apply() -> None:
             if loop is not None and loop.handles(
                 kw["num_speculative_tokens"], batch_size, kw["sampling_metadata"]
             ):
-                return fast_propose(self, loop, kw)
+                first = loop.handles_first_pass(
+                    kw["common_attn_metadata"], kw["mm_embed_inputs"], kw["num_speculative_tokens"]
+                )
+                # parallel drafting: one pass, MASSV's graph or vLLM's own
+                if first or not self.parallel_drafting:
+                    return fast_propose(self, loop, kw, first)
             return original(self, **kw)
 
         return propose

@@ -24,6 +24,7 @@ from tests.engine_checks import (
     chat,
     counted_greedy,
     engine_suite,
+    fast_loop_calls,
     probed_engine,
     projector_inputs,
     run_probed,
@@ -90,3 +91,26 @@ def test_served_parallel_drafts_equal_the_training_side_layout(llm, tiny_qwen, p
         ).logits
     expected = logits[0, len(prompt) : len(prompt) + GAMMA].argmax(-1).tolist()
     assert served == expected, (served, expected)
+
+
+@pytest.fixture(scope="module")
+def graph_llm(tiny_qwen, parallel_drafter):
+    """The same engine with decode steps' single draft pass run by MASSV's loop (a full CUDA graph
+    on GPUs, eager here): ``MASSV_FAST_DRAFT_FIRST_PASS``. Used by the module's last test only:
+    with two engines in one process, vLLM's metrics no longer tell them apart."""
+    env = {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+    yield from probed_engine(tiny_qwen, parallel_drafter, env=env, parallel_drafting=True)
+
+
+def test_parallel_pass_in_massvs_loop_is_lossless_and_drafts_what_vllm_does(llm, graph_llm, qwen_reference):
+    assert_lossless(qwen_reference, greedy(graph_llm, engine_suite(), MAX_TOKENS))
+    # Step by step, the proposals equal those of vLLM's own pass (whose acceptance the first
+    # test shows), on a text-only and an image request.
+    for messages in (chat([], "Count from one to twenty."), chat([941], "Describe the picture.")):
+        before = fast_loop_calls(graph_llm, "first_pass")
+        out, ours = run_probed(graph_llm, messages, max_tokens=12)
+        assert fast_loop_calls(graph_llm, "first_pass") > before  # MASSV's loop drafted
+        ref, theirs = run_probed(llm, messages, max_tokens=12)
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        drafts = [list(d.values()) for d in ours["drafts"]]
+        assert len(drafts) > 2 and drafts == [list(d.values()) for d in theirs["drafts"]]

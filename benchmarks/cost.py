@@ -19,7 +19,8 @@ starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
 * ``massv-parallel``: ``massv`` with ``"parallel_drafting": true`` (one drafter forward proposes all
   γ tokens; the drafter folder names a mask token, ``pard_token``). Its ceiling counts one drafter
   forward, approximated by the drafter's own decode step time; ``massv-parallel-async`` the same with
-  ``async_scheduling=True``.
+  ``async_scheduling=True``; ``massv-parallel-fullgraph`` (``-async``) with that one draft pass
+  as a full graph (``MASSV_FAST_DRAFT_FIRST_PASS=1``).
 
 ``--profile N`` also profiles N decode steps of every speculative engine at each batch size (torch
 profiler in the worker, ``benchmarks.cost_ext.CostProbe``) and reports host and GPU milliseconds
@@ -85,6 +86,8 @@ JOBS = (
     "massv-fullgraph-async",
     "massv-parallel",
     "massv-parallel-async",
+    "massv-parallel-fullgraph",
+    "massv-parallel-fullgraph-async",
 )
 # The MASSV engines, "before" (vLLM's own draft loop) first: its result is saved even if a later
 # engine fails.
@@ -96,9 +99,12 @@ MASSV_MODES = (
     "massv-fullgraph-async",
     "massv-parallel",
     "massv-parallel-async",
+    "massv-parallel-fullgraph",
+    "massv-parallel-fullgraph-async",
 )
+PARALLEL_MODES = tuple(m for m in MASSV_MODES if m.startswith("massv-parallel"))
 # Drafter forwards per spec step: γ sequential ones, or one for parallel drafting.
-DRAFT_FORWARDS = {m: (lambda gamma: 1) for m in ("massv-parallel", "massv-parallel-async")}
+DRAFT_FORWARDS = {m: (lambda gamma: 1) for m in PARALLEL_MODES}
 # Engine-process environment per job: "massv-stockloop" is MASSV on vLLM's own draft loop (the
 # starting point of the fast-drafting work), "massv" the full-graph loop (patches/_draft_loop.py).
 FIRST_PASS = {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
@@ -106,14 +112,16 @@ JOB_ENV = {
     "massv-stockloop": {"MASSV_FAST_DRAFT": "0"},
     "massv-fullgraph": FIRST_PASS,
     "massv-fullgraph-async": FIRST_PASS,
+    "massv-parallel-fullgraph": FIRST_PASS,
+    "massv-parallel-fullgraph-async": FIRST_PASS,
 }
 # Engine arguments per job on top of the shared ones: "massv-async" overlaps the host's scheduling
 # and input preparation with the GPU (vLLM allows async scheduling for draft models when asked).
 ASYNC = {"async_scheduling": True}
-JOB_KW = {"massv-async": ASYNC, "massv-fullgraph-async": ASYNC, "massv-parallel-async": ASYNC}
+JOB_KW = {m: ASYNC for m in MASSV_MODES if m.endswith("-async")}
 # Speculative-config keys per job on top of the MASSV drafter and γ.
 PARALLEL = {"parallel_drafting": True}
-JOB_SPEC = {"massv-parallel": PARALLEL, "massv-parallel-async": PARALLEL}
+JOB_SPEC = {m: PARALLEL for m in PARALLEL_MODES}
 EXTENSION = "benchmarks.cost_ext.CostProbe"
 WATCHDOG_S = 240.0  # an engine job still measuring after this long prints its stacks
 

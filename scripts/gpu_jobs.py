@@ -98,6 +98,16 @@ JOBS: dict[str, Job] = {
         "25 repeats of one async MASSV engine with each repeat's CPU steal and throttling: are the "
         "bimodal repeats outside interference? (issue 12)",
     ),
+    "parallel-fullgraph": Job(
+        _cost(
+            QWEN15,
+            "target drafter massv-parallel massv-parallel-async massv-parallel-fullgraph "
+            "massv-parallel-fullgraph-async",
+            "5",
+        ),
+        360,
+        "parallel drafting's one draft pass as a full CUDA graph, beside vLLM's pass (issue 13)",
+    ),
     "gemma": Job(
         _cost("gemma3-12b/gemma3-1b", "target drafter stock massv massv-async", "5"),
         420,
@@ -132,6 +142,13 @@ JOBS: dict[str, Job] = {
         "with accepted drafts (issue 12; vLLM's CPU platform never runs it)",
     ),
     "async-gemma": _massv_gpu("async and gemma3", 360, "the same for Gemma3"),
+    "firstpass-qwen": _massv_gpu(
+        "first_pass and qwen2_5_vl",
+        300,
+        "the first draft pass as MASSV's full CUDA graph, sequential and parallel drafting, Qwen2.5-VL: "
+        "T=0 lossless with accepted drafts (issues 12, 13)",
+    ),
+    "firstpass-gemma": _massv_gpu("first_pass and gemma3", 300, "the same for Gemma3"),
     "bf16": _massv_gpu("bfloat16", 360, "bf16 divergences with the reference's top-2 logit gap (issue 15.2)"),
     "serve": _pytest(
         "tests/gpu/test_serve_gpu.py",

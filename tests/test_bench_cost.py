@@ -356,3 +356,18 @@ def test_the_watchdog_is_armed_in_the_engine_process_while_it_starts():
         env = {**os.environ, "MASSV_COST_WATCHDOG_S": seconds}
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
         assert r.returncode == 0 and ("stalled_at_start" in r.stderr) is expect, r.stderr
+
+
+def test_parallel_full_graph_jobs_combine_their_settings():
+    """Each parallel mode asks for parallel drafting; -fullgraph adds the first-pass switch, -async
+    async scheduling; their ceiling counts one drafter forward."""
+    from benchmarks.cost import DRAFT_FORWARDS, JOB_SPEC, job_engine_kw, job_env
+
+    spec = {"method": "massv", "model": "d", "num_speculative_tokens": 5}
+    mode = "massv-parallel-fullgraph-async"
+    assert JOB_SPEC[mode] == {"parallel_drafting": True} and DRAFT_FORWARDS[mode](5) == 1
+    assert job_env("qwen2_5_vl", mode, spec) == {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+    assert job_engine_kw("qwen2_5_vl", {}, mode, spec) == {"async_scheduling": True}
+    assert job_env("qwen2_5_vl", "massv-parallel-fullgraph", spec) == {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+    assert job_engine_kw("qwen2_5_vl", {}, "massv-parallel-fullgraph", spec) == {}
+    assert job_env("qwen2_5_vl", "massv-parallel", spec) is None and "massv" not in JOB_SPEC

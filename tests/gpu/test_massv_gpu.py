@@ -176,15 +176,30 @@ def parallel_mirror(mirror, tmp_path_factory):
 
 
 def _lossless_run(
-    tiny, folder, tag: str, spec: dict | None = None, async_scheduling: bool = False
-) -> SpecCounters:
-    """A float32 MASSV engine over the suite: T=0 equals the reference; returns the counter delta."""
+    tiny,
+    folder,
+    tag: str,
+    spec: dict | None = None,
+    async_scheduling: bool = False,
+    env: dict[str, str] | None = None,
+) -> tuple[SpecCounters, int]:
+    """A float32 MASSV engine (patch switches ``env``) over the suite: T=0 equals the reference;
+    returns the counter delta and how many first draft passes MASSV's loop ran."""
+    from massv_vllm.engine import engine_env
+
     ref = reference(tiny, "float32")
     extra = {"async_scheduling": True} if async_scheduling else {}
-    llm = make_llm(
-        str(tiny.target), massv_spec(str(folder), GAMMA, **(spec or {})), dtype="float32", **extra, **KW
-    )
+    with engine_env(env):
+        llm = make_llm(
+            str(tiny.target),
+            massv_spec(str(folder), GAMMA, **(spec or {})),
+            dtype="float32",
+            probe=True,
+            **extra,
+            **KW,
+        )
     try:
+        first_passes = fast_loop_calls(llm, "first_pass")
         if async_scheduling:  # the engine kept it (vLLM allows it for draft models when asked)
             assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling
         before = SpecCounters.from_llm(llm)
@@ -195,7 +210,7 @@ def _lossless_run(
             f"{[round(a, 3) for a in delta.acceptance_per_position]}"
         )
         check_lossless(tiny, "float32", ref, outs)
-        return delta
+        return delta, fast_loop_calls(llm, "first_pass") - first_passes
     finally:
         shutdown(llm)
 
@@ -204,7 +219,7 @@ def test_parallel_drafting_is_lossless(tiny, parallel_mirror):
     """``"parallel_drafting": true`` (one drafter forward per step, γ slots per request) on the GPU
     path: T=0 equals no speculation, and the bonus-slot draft is accepted (the mirror's mask row is
     untrained, so the later positions mostly are not)."""
-    delta = _lossless_run(tiny, parallel_mirror, "parallel", {"parallel_drafting": True})
+    delta, _ = _lossless_run(tiny, parallel_mirror, "parallel", {"parallel_drafting": True})
     assert delta.acceptance_per_position[0] > 0.8
 
 
@@ -216,12 +231,31 @@ def test_async_scheduling_is_lossless(tiny, mirror, parallel_mirror, drafting):
     if ON_CPU:
         pytest.skip("vLLM's CPU platform turns async scheduling off")
     if drafting == "sequential":
-        delta = _lossless_run(tiny, mirror, "async sequential", async_scheduling=True)
+        delta, _ = _lossless_run(tiny, mirror, "async sequential", async_scheduling=True)
         # the mirror's drafts are accepted (image prompts included) at all γ positions
         assert delta.mean_accepted_length > 3.0, delta
     else:
-        delta = _lossless_run(
+        delta, _ = _lossless_run(
             tiny, parallel_mirror, "async parallel", {"parallel_drafting": True}, async_scheduling=True
         )
         # parallel drafting: only the bonus slot is accepted (the mask row is untrained)
         assert delta.acceptance_per_position[0] > 0.8, delta
+
+
+@pytest.mark.parametrize("drafting", ["sequential", "parallel"])
+def test_full_graph_first_pass_is_lossless(tiny, mirror, parallel_mirror, drafting):
+    """``MASSV_FAST_DRAFT_FIRST_PASS=1``: decode steps' first draft pass (parallel drafting's only
+    one) replays MASSV's full CUDA graph. Float32, T=0 equals no speculation with accepted drafts,
+    and that pass ran in MASSV's loop."""
+    env = {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+    if drafting == "sequential":
+        delta, first_passes = _lossless_run(tiny, mirror, "first-pass graph, sequential", env=env)
+        assert delta.mean_accepted_length > 3.0, delta
+    else:
+        spec = {"parallel_drafting": True}
+        delta, first_passes = _lossless_run(
+            tiny, parallel_mirror, "first-pass graph, parallel", spec, env=env
+        )
+        assert delta.acceptance_per_position[0] > 0.8, delta  # the bonus slot (mask row untrained)
+    print(f"  first draft passes run by MASSV's loop: {first_passes}")
+    assert first_passes > 0

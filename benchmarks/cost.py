@@ -39,8 +39,9 @@ step (1, or γ + 1 at forced acceptance): the median duration of the engine step
 whole batch and nothing else, timed in the worker (``measure``), over n decode tokens with
 ``ignore_eos``; a spec engine decodes whole forced-acceptance steps. The median of ``--repeats``
 runs is reported with their fastest and their spread, and each repeat records the host's CPU
-steal and the container's quota throttling (``host_sample``): on the GPU machine, a VM, spec
-engines' repeats were bimodal. Two older estimates stay beside it: ``engine_tpot_ms`` from
+steal and the container's quota throttling (``host_sample``) and how fast the engine's process
+runs a fixed Python loop (``cost_ext.python_speed_us``): on the GPU machine, a VM, spec engines'
+repeats were bimodal. Two older estimates stay beside it: ``engine_tpot_ms`` from
 vLLM's per-request first/last-token timestamps (at B > 1 it carries the prefills of requests that
 reached the engine later) and ``wall_tpot_ms``, (time(n + 1 tokens) - time(1 token)) / n.
 """
@@ -566,11 +567,13 @@ def measure(
         zero = True
         for _ in range(repeats):
             t1, _ = _timed(llm, batch, 1)
+            speed = llm.collective_rpc("massv_python_speed_us")[0]  # before and after, outside the timing
             llm.collective_rpc("massv_steps_start")
             h0 = host_sample()
             tn, outs = _timed(llm, batch, n + 1)
             cpu.append(host_shares(h0, host_sample()))
             periods = steady_step_ms(llm.collective_rpc("massv_steps_stop")[0], b)
+            cpu[-1]["python_us"] = (speed + llm.collective_rpc("massv_python_speed_us")[0]) / 2
             if not periods:
                 raise RuntimeError(
                     f"no two consecutive engine steps decoded all {b} requests: raise --steps ({n} tokens)"
@@ -583,7 +586,8 @@ def measure(
             zero = zero and all(t == 0 for o in outs for t in o.outputs[0].token_ids)
             print(
                 f"[cost]   B={b}: TPOT {steady[-1]:.3f} ms, CPU steal {fmt_share(cpu[-1]['steal'])}"
-                f" busy {fmt_share(cpu[-1]['busy'])} throttled {fmt(cpu[-1]['throttled_ms'])} ms",
+                f" busy {fmt_share(cpu[-1]['busy'])} throttled {fmt(cpu[-1]['throttled_ms'])} ms,"
+                f" engine-process Python loop {cpu[-1]['python_us']:.0f} µs",
                 file=sys.stderr,
                 flush=True,
             )
@@ -956,7 +960,9 @@ SCHEMA = {
             "batch_size": int,
             "tpot_ms": NUM,
             "tpot_ms_repeats": ListOf(NUM),
-            "cpu_repeats": ListOf({"steal": Opt(NUM), "busy": Opt(NUM), "throttled_ms": Opt(NUM)}),
+            "cpu_repeats": ListOf(
+                {"steal": Opt(NUM), "busy": Opt(NUM), "throttled_ms": Opt(NUM), "python_us": NUM}
+            ),
             "engine_tpot_ms": Opt(NUM),
             "wall_tpot_ms": NUM,
             "prefill_s": NUM,
@@ -1015,6 +1021,7 @@ def format_report(doc: dict[str, Any]) -> str:
         none = r["speedup_vs_none"] and r["speedup_vs_none"] * r["tpot_ms"]  # the target's TPOT
         steal = [c["steal"] for c in r.get("cpu_repeats") or [] if c["steal"] is not None]
         throttled = [c["throttled_ms"] for c in r.get("cpu_repeats") or [] if c["throttled_ms"] is not None]
+        python = [c["python_us"] for c in r.get("cpu_repeats") or [] if c.get("python_us")]
         rows.append(
             [
                 label,
@@ -1024,6 +1031,7 @@ def format_report(doc: dict[str, Any]) -> str:
                 _spread(reps),
                 fmt_share(max(steal)) if steal else "-",
                 fmt(max(throttled), 1) if throttled else "-",
+                f"{max(python) / min(python):.2f}x" if python else "-",
                 fmt(r.get("engine_tpot_ms"), 3),
                 fmt(r["mal"]),
                 "yes" if r["all_tokens_zero"] else "NO",
@@ -1044,6 +1052,7 @@ def format_report(doc: dict[str, Any]) -> str:
                 "spread",
                 "max steal",
                 "max throttled ms",
+                "Python slowest/fastest",
                 "request TPOT",
                 "MAL",
                 "tokens=0",
@@ -1057,7 +1066,8 @@ def format_report(doc: dict[str, Any]) -> str:
             "end to end at forced 100% acceptance (TPOT: steady full-batch decode step time per token,"
             " median of the repeats, fastest = their minimum, spread = their (max-min)/median; max steal:"
             " the most CPU time the VM's hypervisor took away during a repeat; max throttled: the most time"
-            " the container's CPU quota held it back in a repeat; request TPOT: from vLLM's"
+            " the container's CPU quota held it back in a repeat; Python slowest/fastest: a fixed Python loop"
+            " in the engine's process around each repeat, its slowest over its fastest; request TPOT: from vLLM's"
             " per-request timestamps, prefills of later requests included; speed-up over no speculation, same engine settings;"
             " ceiling = (γ+1)·T_target/(T_target+γ·T_drafter); 'at MAL τ' = τ·T_target / measured step)",
         )

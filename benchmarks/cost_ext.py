@@ -9,6 +9,8 @@
   batch sizes). Only for dummy-weight timing runs: the outputs are meaningless.
 * ``massv_steps_start`` / ``massv_steps_stop``: log each engine step's start time and whether
   it only decodes the whole batch (``decode_batch``), for the steady decode step time.
+* ``massv_python_speed_us``: how long a fixed pure-Python loop takes in the engine's own process
+  right now (``python_speed_us``), to tell a slow host from a slow engine.
 * ``massv_profile_start`` / ``massv_profile_stop``: run the torch profiler over the decode
   steps of a full batch, with named ranges around the worker's phases (target forward, input preparation,
   sampling and rejection, each draft forward, attention metadata, ...), and return per-phase host
@@ -143,8 +145,26 @@ def decode_batch(scheduler_output: Any) -> int:
     return len(counts)
 
 
+def python_speed_us(n: int = 20_000, tries: int = 5) -> float:
+    """Microseconds a fixed pure-Python loop of ``n`` additions takes, best of ``tries``. A spec
+    step is host-bound Python, and on the GPU machine (a VM) whole repeats ran ~1.6x slower
+    without any change in the GPU-bound engines: if this number moves with them, the host's CPU
+    (frequency, a busy sibling core) is what changed."""
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(n):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e6
+
+
 class CostProbe:
     """Mixed into vLLM's worker class (``worker_extension_cls``)."""
+
+    def massv_python_speed_us(self) -> float:
+        return python_speed_us()
 
     def massv_zero_final_norms(self) -> dict[str, list[str]]:
         runner = self.model_runner

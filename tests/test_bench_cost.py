@@ -163,9 +163,9 @@ def test_report_shows_the_fastest_repeat_and_the_host_interference():
     massv = _row(1, 2.0, 6.0)
     massv["tpot_ms_repeats"] = [2.0, 2.5, 1.6]
     massv["cpu_repeats"] = [
-        {"steal": 0.0, "busy": 0.1, "throttled_ms": 0.0},
-        {"steal": 0.05, "busy": 0.2, "throttled_ms": 12.5},
-        {"steal": None, "busy": None, "throttled_ms": None},
+        {"steal": 0.0, "busy": 0.1, "throttled_ms": 0.0, "python_us": 400.0},
+        {"steal": 0.05, "busy": 0.2, "throttled_ms": 12.5, "python_us": 720.0},
+        {"steal": None, "busy": None, "throttled_ms": None, "python_us": 410.0},
     ]
     results = {"target": _job([_row(1, 10.0)]), "drafter": _job([_row(1, 1.0)]), "massv-g5": _job([massv])}
     text = format_report({"preset": "p", **summarise(results, [1], [5], [])})
@@ -179,6 +179,7 @@ def test_report_shows_the_fastest_repeat_and_the_host_interference():
         cells["ceiling"] == "4.00" and cells["of ceiling"] == "1.25" and cells["fastest of ceiling"] == "1.56"
     )
     assert cells["max steal"] == "5.0%" and cells["max throttled ms"] == "12.5"
+    assert cells["Python slowest/fastest"] == "1.80x"  # 720 / 400 µs
 
 
 def test_decode_tpot_from_the_engines_request_timestamps():
@@ -221,6 +222,13 @@ def test_steady_step_ms_keeps_only_full_batch_decode_steps():
     assert steady_step_ms(log, 4) == pytest.approx([12.0, 11.0])  # the step at 0.083 has no end here
     assert steady_step_ms(log, 3) == []
     assert steady_step_ms([(0.0, 1), (0.004, 1)], 1) == pytest.approx([4.0])
+
+
+def test_python_speed_times_the_loop_it_is_given():
+    from benchmarks.cost_ext import python_speed_us
+
+    small, large = python_speed_us(2_000, 3), python_speed_us(40_000, 3)
+    assert 0 < small and large > 5 * small  # 20x the work
 
 
 def test_host_sample_reads_steal_idle_and_cgroup_throttling(tmp_path):
@@ -282,6 +290,7 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     assert b1["steady_steps"] == [3, 3]
     # each repeat records the host's CPU interference (this Linux machine has /proc/stat)
     assert len(b1["cpu_repeats"]) == 2 and all(0 <= c["steal"] <= 1 for c in b1["cpu_repeats"])
+    assert all(c["python_us"] > 0 for c in b1["cpu_repeats"])  # timed in the engine's process
     # --profile: the phases of a spec step, and how vLLM ran each forward. At B=1 every verify
     # forward carries γ + 1 = 3 tokens (CPU: no CUDA graphs, mode NONE); MASSV's loop drafted.
     prof = doc["profile"]["massv-g2"]["1"]

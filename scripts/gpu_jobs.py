@@ -95,8 +95,8 @@ JOBS: dict[str, Job] = {
     "noise": Job(
         _cost(QWEN15, "target massv-async", "5", "--repeats", "25"),
         150,
-        "25 repeats of one async MASSV engine with each repeat's CPU steal and throttling: are the "
-        "bimodal repeats outside interference? (issue 12)",
+        "25 repeats of one async MASSV engine with each repeat's CPU steal, throttling and host "
+        "Python speed: are the bimodal repeats a slower host? (issue 12)",
     ),
     "parallel-fullgraph": Job(
         _cost(

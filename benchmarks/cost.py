@@ -1018,7 +1018,6 @@ def format_report(doc: dict[str, Any]) -> str:
         label = r["mode"] if r["gamma"] is None else f"{r['mode']} γ={r['gamma']}"
         reps = r.get("tpot_ms_repeats") or []
         ceiling = r["predicted_full_acceptance"]
-        none = r["speedup_vs_none"] and r["speedup_vs_none"] * r["tpot_ms"]  # the target's TPOT
         steal = [c["steal"] for c in r.get("cpu_repeats") or [] if c["steal"] is not None]
         throttled = [c["throttled_ms"] for c in r.get("cpu_repeats") or [] if c["throttled_ms"] is not None]
         python = [c["python_us"] for c in r.get("cpu_repeats") or [] if c.get("python_us")]
@@ -1038,7 +1037,12 @@ def format_report(doc: dict[str, Any]) -> str:
                 fmt(r["speedup_vs_none"]),
                 fmt(ceiling),
                 fmt(None if not ceiling or r["speedup_vs_none"] is None else r["speedup_vs_none"] / ceiling),
-                fmt(None if not ceiling or not none or not reps else none / min(reps) / ceiling),
+                # speed-up at the fastest repeat: the median's, scaled by median / fastest
+                fmt(
+                    None
+                    if not ceiling or r["speedup_vs_none"] is None or not reps
+                    else r["speedup_vs_none"] * r["tpot_ms"] / min(reps) / ceiling
+                ),
                 *[fmt(r["predicted_at_mal"].get(f"{t:.2f}")) for t in mals],
             ]
         )

@@ -298,10 +298,10 @@ class DraftDecodeLoop:
         n = self.padded_size(b)
         return n is not None and (not self.use_graphs or n in self.fp_sizes)
 
-    def first_pass(self, cad: Any, sample_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def first_pass(self, cad: Any, sample_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first draft pass after vLLM's ``set_inputs_first_pass`` (which wrote input ids and
         positions and built ``cad`` for γ+1+e slots per request); returns (draft tokens [b·e],
-        their positions)."""
+        their positions, which only sequential drafting's later steps need)."""
         from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
 
         p = self.p
@@ -328,7 +328,7 @@ class DraftDecodeLoop:
         )
         first = self._run(n, per_layer, first_pass=True)[: b * e].clone()
         self.first_pass_calls += 1
-        return first, p.positions[sample_index]
+        return first, None if self.parallel else p.positions[sample_index]
 
     # ---- one speculative step -------------------------------------------------------------------
 

@@ -103,7 +103,13 @@ def graph_llm(tiny_qwen, parallel_drafter):
 
 
 def test_parallel_pass_in_massvs_loop_is_lossless_and_drafts_what_vllm_does(llm, graph_llm, qwen_reference):
-    assert_lossless(qwen_reference, greedy(graph_llm, engine_suite(), MAX_TOKENS))
+    suite = engine_suite()
+    assert_lossless(qwen_reference, greedy(graph_llm, suite, MAX_TOKENS))
+    # Accepted drafts, as in the first test. The newest engine owns vLLM's metrics registry (a
+    # new engine's stat logger unregisters the older one's), so these counters are graph_llm's.
+    delta = counted_greedy(graph_llm, [r for r in suite if r.num_images == 0])[1]
+    assert delta.num_drafts > 0 and delta.acceptance_per_position[0] > 0.8, delta
+    assert delta.mean_accepted_length > 1.8
     # Step by step, the proposals equal those of vLLM's own pass (whose acceptance the first
     # test shows), on a text-only and an image request.
     for messages in (chat([], "Count from one to twenty."), chat([941], "Describe the picture.")):

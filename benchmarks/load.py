@@ -5,13 +5,17 @@ of varied sizes or text only, short and long prompts, streaming and non-streamin
 checked) plus a few sampled ones (not checked), and ``--cancel`` streaming requests that the client
 closes after their first chunks. Everything is submitted at once; ``--concurrency`` bounds the
 requests in flight. Each run reports requests/s, p50/p99 latency, output tokens/s, HTTP errors,
-and (with a drafter) MASSV's mean accepted length from ``/metrics``.
+(with a drafter) MASSV's mean accepted length from ``/metrics``, and for servers it starts their
+memory before and after the load (host RSS of the server's process tree; GPU memory from
+``nvidia-smi``).
 
 Checks (exit status 1 if any fails): no 5xx / dropped connection / in-stream error and no 4xx on
 the valid workload; every completed greedy answer equals the reference (no-speculation) answer,
 streaming ones concatenated (``--tie-tol``: a divergence is tolerated only where the reference's
 top-2 logprob gap at the first differing token is below it and the MASSV token is the reference's
-second choice; each one is printed); cancelled streams are aborted by the server (vLLM counts only
+second choice; each one is printed. Exact equality holds in float32: vLLM's ``auto`` dtype serves a
+float32 checkpoint in bfloat16 on a GPU, where two servers that batch differently round
+differently, so pass ``--engine-arg dtype='"float32"'`` for the check); cancelled streams are aborted by the server (vLLM counts only
 requests that finish in the engine: any that ran to completion are reported; the check fails if
 none was aborted); afterwards the server drains to zero running/waiting requests, answers /health
 and a good request with the reference answer.
@@ -28,10 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import random
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -527,6 +533,12 @@ def main(argv: list[str] | None = None) -> int:
     for m in mismatches[:10]:
         print(f"MISMATCH {json.dumps(m)[:400]}")
     for name, s in report["runs"].items():
+        if "memory_before" in s:
+            b, a = s["memory_before"], s["memory_after"]
+            print(
+                f"[{name}] server memory before -> after the load: host RSS {fmt(b['rss_mib'], '.0f')} -> "
+                f"{fmt(a['rss_mib'], '.0f')} MiB, GPU {fmt(b['gpu_mib'], '.0f')} -> {fmt(a['gpu_mib'], '.0f')} MiB"
+            )
         if s.get("cancelled_not_aborted"):
             print(
                 f"[{name}] WARNING: {s['cancelled_not_aborted']} of {s['cancelled']} cancelled streams ran to completion"
@@ -554,9 +566,46 @@ def _with_server(
             f"[{name}] server up in {time.perf_counter() - t0:.0f} s at {server.url} (log {server.log_path})",
             flush=True,
         )
+        before = server_memory(server.proc.pid)
         summary, res = asyncio.run(measure(server.url, server.model, reqs, args.concurrency, args.timeout))
-        summary["server_log"] = str(server.log_path)
+        summary.update(
+            server_log=str(server.log_path), memory_before=before, memory_after=server_memory(server.proc.pid)
+        )
     return summary, res
+
+
+def server_memory(pid: int) -> dict[str, float | None]:
+    """Memory of a server process and all its descendants (API server, engine core, workers):
+    resident host memory and, where ``nvidia-smi`` answers, GPU memory, both in MiB."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {"rss_mib": None, "gpu_mib": None}
+    rss = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            rss += proc.memory_info().rss
+    pids = {proc.pid for proc in procs}
+    gpu: float | None = None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        gpu = sum(
+            float(m)
+            for p, m in (line.split(",") for line in out.splitlines() if "," in line)
+            if int(p) in pids
+        )
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass  # no GPU tool here: host memory only
+    return {"rss_mib": rss / 2**20, "gpu_mib": gpu}
 
 
 def _served_model(url: str) -> str:

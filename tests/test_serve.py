@@ -245,6 +245,21 @@ def test_load_generator_sequential_vs_concurrent(server, tmp_path):
     assert report["runs"]["server"]["cancelled"] == 3
 
 
+def test_load_reports_the_whole_server_process_trees_memory(server):
+    """benchmarks/load.py's memory before/after: the API server's process and its engine process
+    (a child), not just the process it started; no GPU memory where there is no nvidia-smi."""
+    import psutil
+
+    from benchmarks import load
+
+    mem = load.server_memory(server.proc.pid)
+    top = psutil.Process(server.proc.pid)
+    assert top.children(recursive=True), "vllm serve runs its engine in a child process"
+    assert mem["rss_mib"] > top.memory_info().rss / 2**20 + 50
+    assert mem["gpu_mib"] is None
+    assert load.server_memory(2**22 + 12345) == {"rss_mib": None, "gpu_mib": None}  # no such process
+
+
 def test_serving_patches_are_registered():
     from vllm.connections import HTTPConnection
     from vllm.entrypoints.serve.utils import api_utils

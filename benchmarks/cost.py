@@ -48,9 +48,11 @@ reached the engine later) and ``wall_tpot_ms``, (time(n + 1 tokens) - time(1 tok
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -539,6 +541,76 @@ def host_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     }
 
 
+SYS_CPU = "/sys/devices/system/cpu"
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """A Linux CPU list such as ``0-3,8,10-11`` (sysfs, ``taskset -c``) as sorted CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(f"not a CPU list: {text!r} (expected e.g. 0-7,16)")
+        first, last = int(lo), int(hi) if dash else int(lo)
+        if last < first or last >= 1 << 16:
+            raise ValueError(f"not a CPU range: {part!r} in {text!r}")
+        cpus.update(range(first, last + 1))
+    return sorted(cpus)
+
+
+def choose_cpus(spec: str, allowed: set[int] | None = None, sys_cpu: str = SYS_CPU) -> list[int]:
+    """The CPUs of ``--cpus SPEC``: a CPU list, or ``one-per-core:N``, the first N physical cores
+    among the CPUs this process may use, one hardware thread of each (sysfs topology), so that no
+    two threads of the engine share a core. Raises ValueError naming what is wrong."""
+    if allowed is None:
+        if not hasattr(os, "sched_getaffinity"):
+            raise ValueError("--cpus needs Linux (os.sched_setaffinity)")
+        allowed = set(os.sched_getaffinity(0))
+    kind, colon, count = spec.partition(":")
+    if kind == "one-per-core" and colon:
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--cpus {spec!r}: expected one-per-core:N with N >= 1")
+        cores: dict[tuple[int, ...], int] = {}  # a core's hardware threads -> the first one allowed
+        for cpu in sorted(allowed):
+            try:
+                siblings = tuple(
+                    parse_cpu_list((Path(sys_cpu) / f"cpu{cpu}/topology/thread_siblings_list").read_text())
+                )
+            except (OSError, ValueError):
+                siblings = (cpu,)  # no topology: count each CPU as a core of its own
+            cores.setdefault(siblings, cpu)
+        if int(count) > len(cores):
+            raise ValueError(
+                f"--cpus {spec!r}: only {len(cores)} physical cores among the {len(allowed)} CPUs this process may use"
+            )
+        return sorted(list(cores.values())[: int(count)])
+    try:
+        cpus = parse_cpu_list(spec)
+    except ValueError:
+        raise ValueError(f"--cpus {spec!r}: expected a CPU list such as 0-7,16, or one-per-core:N") from None
+    outside = sorted(set(cpus) - allowed)
+    if outside:
+        raise ValueError(
+            f"--cpus {spec!r}: CPU(s) {outside} are not among the CPUs this process may use {sorted(allowed)}"
+        )
+    return cpus
+
+
+@contextlib.contextmanager
+def pinned(cpus: list[int] | None):
+    """Run the block with this thread, and so every engine process it starts (they inherit the
+    mask), on ``cpus``; the previous mask is restored afterwards. None: unchanged."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def fmt_share(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:.1f}%"
 
@@ -644,6 +716,7 @@ def run_job(
         llm = make_llm(str(model), spec, **engine_kw)
     startup = time.perf_counter() - t0
     try:
+        engine_cpus = llm.collective_rpc("massv_cpu_affinity")[0]
         zeroed = llm.collective_rpc("massv_zero_final_norms")[0]
         if not zeroed.get("target") or (spec is not None and not zeroed.get("drafter")):
             raise RuntimeError(
@@ -659,7 +732,13 @@ def run_job(
     finally:
         faulthandler.cancel_dump_traceback_later()
         shutdown(llm)
-    return {"startup_s": startup, "zeroed": zeroed, "rows": rows, "profile": profile}
+    return {
+        "startup_s": startup,
+        "zeroed": zeroed,
+        "engine_cpus": engine_cpus,
+        "rows": rows,
+        "profile": profile,
+    }
 
 
 # ---- the whole run --------------------------------------------------------------------------------
@@ -761,9 +840,11 @@ def run_cost(
     fresh: bool = False,
     profile_steps: int = 0,
     trace: bool = False,
+    cpus: list[int] | None = None,
     argv: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write the shape set, run the chosen jobs, write cost.json and return it.
+    """Write the shape set, run the chosen jobs, write cost.json and return it. ``cpus``: pin the
+    run and its engine processes to these CPUs (``choose_cpus``).
 
     Each finished engine job is saved in ``out_dir/jobs/``; a later call with the same settings
     reuses it and the report covers every finished job, so the jobs can be split over several
@@ -799,6 +880,8 @@ def run_cost(
         "profile_steps": profile_steps,
         "gpu": on_gpu(),
     }
+    if cpus:  # only when pinned, so unpinned runs keep their results' key
+        settings["cpus"] = sorted(cpus)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     prompts = _prompts(shapes.target, max(batch_sizes), prompt_len, image_size)
     plan: list[tuple[str, Path, dict[str, Any] | None]] = []  # (job-gγ, model, speculative config)
@@ -828,18 +911,19 @@ def run_cost(
         trace_dir = out / "traces" / name if profile_steps and trace else None
         if trace_dir:
             trace_dir.mkdir(parents=True, exist_ok=True)
-        res = run_job(
-            model,
-            spec,
-            job_prompts,
-            batch_sizes,
-            steps,
-            repeats,
-            job_engine_kw(shapes.family, kw, mode, spec),
-            env=job_env(shapes.family, mode, spec),
-            profile_steps=profile_steps,
-            trace_dir=trace_dir,
-        )
+        with pinned(cpus):
+            res = run_job(
+                model,
+                spec,
+                job_prompts,
+                batch_sizes,
+                steps,
+                repeats,
+                job_engine_kw(shapes.family, kw, mode, spec),
+                env=job_env(shapes.family, mode, spec),
+                profile_steps=profile_steps,
+                trace_dir=trace_dir,
+            )
         write_json(path, {"key": key, "name": name, **res})  # checkpoint per engine
     results = {}
     for path in sorted((out / "jobs").glob("*.json")):
@@ -856,7 +940,10 @@ def run_cost(
             "small_lm": str(shapes.small_lm),
             "drafter": str(shapes.drafter),
         },
-        "engines": {k: {"startup_s": v["startup_s"], "zeroed": v["zeroed"]} for k, v in results.items()},
+        "engines": {
+            k: {"startup_s": v["startup_s"], "zeroed": v["zeroed"], "cpus": v.get("engine_cpus")}
+            for k, v in results.items()
+        },
         **summarise(results, batch_sizes, found_gammas, list(mals)),
         "profile": {k: v["profile"] for k, v in results.items() if v.get("profile")},
     }
@@ -949,7 +1036,7 @@ SCHEMA = {
     "meta": META_SCHEMA,
     "preset": str,
     "folders": {"target": str, "small_lm": str, "drafter": str},
-    "engines": MapOf({"startup_s": NUM, "zeroed": MapOf(ListOf(str))}),
+    "engines": MapOf({"startup_s": NUM, "zeroed": MapOf(ListOf(str)), "cpus": Opt(ListOf(int))}),
     "step_ms": MapOf(MapOf(Opt(NUM))),
     "cost_ratio": MapOf(Opt(NUM)),
     "ceiling": ListOf({"batch_size": int, "gamma": int, "mal": NUM, "speedup": Opt(NUM)}),
@@ -999,8 +1086,9 @@ def _spread(xs: list[float]) -> str:
 
 def format_report(doc: dict[str, Any]) -> str:
     bs = [int(b) for b in doc["cost_ratio"]]
-    mals = [float(m) for m in doc.get("meta", {}).get("settings", {}).get("mals", [])]
-    out = []
+    settings = doc.get("meta", {}).get("settings", {})
+    mals = [float(m) for m in settings.get("mals", [])]
+    out = [f"run and engines pinned to CPUs {settings['cpus']}"] if settings.get("cpus") else []
     rows = [[k, *[fmt(v.get(str(b)), 3) for b in bs]] for k, v in doc["step_ms"].items()]
     rows.append(["c = drafter/target", *[fmt(doc["cost_ratio"][str(b)], 3) for b in bs]])
     out.append(
@@ -1167,6 +1255,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="also profile STEPS decode steps of every speculative engine (phase table)",
     )
     p.add_argument("--trace", action="store_true", help="with --profile: write chrome traces to OUT/traces/")
+    p.add_argument(
+        "--cpus",
+        default=None,
+        help="pin the run and its engines to these CPUs: a list like 0-7,16, or one-per-core:N (the first "
+        "N physical cores, one hardware thread each)",
+    )
     cli.add_engine_arg(p, help=None)
     p.add_argument(
         "--models-dir", default=None, help="where to write the config-only folders (default OUT/models)"
@@ -1178,6 +1272,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if image is not None and len(image) != 2:
         p.error("--image-size must be WxH or 'none'")
     kw = parse_engine_args(a.engine_arg)
+    try:
+        cpus = choose_cpus(a.cpus) if a.cpus else None
+    except ValueError as e:
+        p.error(str(e))
     if a.eager:
         kw["enforce_eager"] = True
     # jobs, compile_backend, fresh, trace and models_dir reach run_cost by name (cli.forward).
@@ -1199,6 +1297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mals=a.mal,
         engine_kw=kw,
         profile_steps=a.profile,
+        cpus=cpus,
     )
 
 

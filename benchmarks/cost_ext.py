@@ -11,6 +11,7 @@
   it only decodes the whole batch (``decode_batch``), for the steady decode step time.
 * ``massv_python_speed_us``: how long a fixed pure-Python loop takes in the engine's own process
   right now (``python_speed_us``), to tell a slow host from a slow engine.
+* ``massv_cpu_affinity``: the CPUs the engine's process may run on.
 * ``massv_profile_start`` / ``massv_profile_stop``: run the torch profiler over the decode
   steps of a full batch, with named ranges around the worker's phases (target forward, input preparation,
   sampling and rejection, each draft forward, attention metadata, ...), and return per-phase host
@@ -165,6 +166,10 @@ class CostProbe:
 
     def massv_python_speed_us(self) -> float:
         return python_speed_us()
+
+    def massv_cpu_affinity(self) -> list[int] | None:
+        """The CPUs the engine's process may run on (``benchmarks.cost --cpus`` pins them)."""
+        return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
     def massv_zero_final_norms(self) -> dict[str, list[str]]:
         runner = self.model_runner

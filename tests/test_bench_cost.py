@@ -6,14 +6,24 @@ Only the last test starts an engine (tiny shapes on CPU, one MASSV engine); it i
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from benchmarks.cost import SCHEMA, format_report, summarise, write_placeholder_safetensors, write_shape_set
+from benchmarks.cost import (
+    SCHEMA,
+    format_report,
+    parse_cpu_list,
+    summarise,
+    write_placeholder_safetensors,
+    write_shape_set,
+)
 from benchmarks.cost_ext import zero_final_norms
 from benchmarks.report import check_schema
 from massv_vllm.serving.checks import check_pair, target_config_from_dir
@@ -258,18 +268,85 @@ def test_host_sample_reads_steal_idle_and_cgroup_throttling(tmp_path):
     assert none == {} and host_shares(none, none) == {"steal": None, "busy": None, "throttled_ms": None}
 
 
+def _topology(root, cores: list[str]):
+    """A fake /sys/devices/system/cpu: core i's hardware threads are ``cores[i]`` (a CPU list)."""
+    for siblings in cores:
+        for cpu in parse_cpu_list(siblings):
+            d = root / f"cpu{cpu}" / "topology"
+            d.mkdir(parents=True)
+            (d / "thread_siblings_list").write_text(siblings + "\n")
+    return str(root)
+
+
+def test_cpu_lists_and_one_hardware_thread_per_core(tmp_path):
+    from benchmarks.cost import choose_cpus
+
+    assert parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    # 4 cores with two hardware threads each, numbered the usual Linux way (core i: i and i+4)
+    sys_cpu = _topology(tmp_path, ["0,4", "1,5", "2,6", "3,7"])
+    allowed = set(range(8))
+    assert choose_cpus("one-per-core:3", allowed, sys_cpu) == [0, 1, 2]
+    # only the CPUs this process may use count: core 0 is reached through its second thread
+    assert choose_cpus("one-per-core:2", {2, 3, 4, 6, 7}, sys_cpu) == [2, 3]
+    assert choose_cpus("one-per-core:3", {2, 3, 4, 6, 7}, sys_cpu) == [2, 3, 4]
+    # siblings given as a range ("0-1") and a machine without topology files (each CPU a core)
+    assert choose_cpus("one-per-core:2", {0, 1, 2, 3}, _topology(tmp_path / "b", ["0-1", "2-3"])) == [0, 2]
+    assert choose_cpus("one-per-core:3", {5, 6, 9}, str(tmp_path / "none")) == [5, 6, 9]
+    assert choose_cpus("1,3", allowed, sys_cpu) == [1, 3]
+    for spec, says in [
+        ("one-per-core:5", "only 4 physical cores"),
+        ("one-per-core:0", "N >= 1"),
+        ("one-per-core:x", "N >= 1"),
+        ("0-9", "[8, 9] are not among"),
+        ("3-1", "expected a CPU list"),
+        ("all", "expected a CPU list"),
+        ("0-99999999", "expected a CPU list"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            choose_cpus(spec, allowed, sys_cpu)
+
+
+def test_cpus_flag_errors_before_any_engine(tmp_path, monkeypatch, capsys):
+    from benchmarks import cost
+
+    monkeypatch.setattr(cost, "run_cost", lambda *a, **k: pytest.fail("ran with a bad --cpus"))
+    with pytest.raises(SystemExit) as e:
+        cost.main(["--tiny", "--cpus", "0-100000", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--cpus '0-100000'" in capsys.readouterr().err
+
+
+def test_pinned_engine_processes_inherit_the_cpus_and_the_mask_is_restored():
+    """What ``--cpus`` relies on: a process started inside ``pinned`` (as vLLM starts its engine)
+    runs on those CPUs; the caller's own mask is back afterwards."""
+    from benchmarks.cost import pinned
+
+    before = os.sched_getaffinity(0)
+    one = [min(before)]
+    probe = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    with pinned(one):
+        inside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert inside == str(one)
+    assert os.sched_getaffinity(0) == before
+    outside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert outside == str(sorted(before))
+
+
 @pytest.mark.engine
 @pytest.mark.slow
 def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     """On vLLM (CPU): zeroed norms make every draft token accepted, MAL = γ + 1 exactly."""
     from benchmarks import cost
 
-    argv = ["--tiny", "--jobs", "massv", "--profile", "2", "--out", str(tmp_path)]
+    cpu = max(os.sched_getaffinity(0))
+    argv = ["--tiny", "--jobs", "massv", "--profile", "2", "--cpus", str(cpu), "--out", str(tmp_path)]
     doc = cost.main(argv)
     assert check_schema(doc, SCHEMA) == []
     assert json.loads((tmp_path / "cost.json").read_text()) == doc
     eng = doc["engines"]["massv-g2"]
     assert eng["zeroed"]["target"] and eng["zeroed"]["drafter"]
+    # --cpus: the engine's own process ran on that CPU alone, and the run says so
+    assert eng["cpus"] == [cpu] and doc["meta"]["settings"]["cpus"] == [cpu]
+    assert f"pinned to CPUs [{cpu}]" in format_report(doc)
     rows = [r for r in doc["e2e"] if r["mode"] == "massv"]
     assert [r["batch_size"] for r in rows] == [1, 2]
     for r in rows:

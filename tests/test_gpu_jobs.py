@@ -67,6 +67,16 @@ def device_out(tmp_path, monkeypatch):
     monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
 
 
+def test_cpus_from_the_environment_pin_timing_jobs_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPU_JOBS_CPUS", "0-3")
+    assert gpu_jobs.command("cost05", tmp_path)[-2:] == ["--cpus", "0-3"]
+    assert "--cpus" not in gpu_jobs.command("load", tmp_path)  # a GPU test, not a timing
+    pinned = gpu_jobs.command("noise-pinned", tmp_path)  # pins itself: its own choice stays
+    assert pinned.count("--cpus") == 1 and pinned[pinned.index("--cpus") + 1] == "one-per-core:8"
+    monkeypatch.delenv("GPU_JOBS_CPUS")
+    assert "--cpus" not in gpu_jobs.command("cost05", tmp_path)
+
+
 def test_jobs_fit_a_device_call():
     for name, job in gpu_jobs.JOBS.items():
         assert job.seconds <= 560, name  # one call ends at 600 s

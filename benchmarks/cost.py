@@ -40,8 +40,8 @@ whole batch and nothing else, timed in the worker (``measure``), over n decode t
 ``ignore_eos``; a spec engine decodes whole forced-acceptance steps. The median of ``--repeats``
 runs is reported with their fastest and their spread, and each repeat records the host's CPU
 steal and the container's quota throttling (``host_sample``) and how fast the engine's process
-runs a fixed Python loop (``cost_ext.python_speed_us``): on the GPU machine, a VM, spec engines'
-repeats were bimodal. Two older estimates stay beside it: ``engine_tpot_ms`` from
+and this frontend process run a fixed Python loop (``cost_ext.python_speed_us``): on the GPU
+machine, a VM, spec engines' repeats were bimodal, with the engine's loop slower in the slow ones. Two older estimates stay beside it: ``engine_tpot_ms`` from
 vLLM's per-request first/last-token timestamps (at B > 1 it carries the prefills of requests that
 reached the engine later) and ``wall_tpot_ms``, (time(n + 1 tokens) - time(1 token)) / n.
 """
@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cli
-from benchmarks.cost_ext import WATCHDOG_ENV
+from benchmarks.cost_ext import WATCHDOG_ENV, python_speed_us
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -640,12 +640,16 @@ def measure(
         for _ in range(repeats):
             t1, _ = _timed(llm, batch, 1)
             speed = llm.collective_rpc("massv_python_speed_us")[0]  # before and after, outside the timing
+            # The same loop here, in the frontend process: a slower host slows both; something in
+            # the engine process (a thread holding the GIL) only the engine's.
+            front = python_speed_us()
             llm.collective_rpc("massv_steps_start")
             h0 = host_sample()
             tn, outs = _timed(llm, batch, n + 1)
             cpu.append(host_shares(h0, host_sample()))
             periods = steady_step_ms(llm.collective_rpc("massv_steps_stop")[0], b)
             cpu[-1]["python_us"] = (speed + llm.collective_rpc("massv_python_speed_us")[0]) / 2
+            cpu[-1]["frontend_python_us"] = (front + python_speed_us()) / 2
             if not periods:
                 raise RuntimeError(
                     f"no two consecutive engine steps decoded all {b} requests: raise --steps ({n} tokens)"
@@ -659,7 +663,8 @@ def measure(
             print(
                 f"[cost]   B={b}: TPOT {steady[-1]:.3f} ms, CPU steal {fmt_share(cpu[-1]['steal'])}"
                 f" busy {fmt_share(cpu[-1]['busy'])} throttled {fmt(cpu[-1]['throttled_ms'])} ms,"
-                f" engine-process Python loop {cpu[-1]['python_us']:.0f} µs",
+                f" Python loop: engine process {cpu[-1]['python_us']:.0f} µs,"
+                f" frontend {cpu[-1]['frontend_python_us']:.0f} µs",
                 file=sys.stderr,
                 flush=True,
             )
@@ -998,7 +1003,8 @@ def summarise(
                     "tpot_ms": r["tpot_ms"],
                     # per repeat, so the spread of a cell is on record (older jobs lack them)
                     "tpot_ms_repeats": r.get("tpot_ms_repeats", []),
-                    "cpu_repeats": r.get("cpu_repeats", []),
+                    # jobs saved before a counter existed have it as null
+                    "cpu_repeats": [{"frontend_python_us": None, **c} for c in r.get("cpu_repeats", [])],
                     "engine_tpot_ms": r.get("engine_tpot_ms"),
                     "wall_tpot_ms": r.get("wall_tpot_ms", r["tpot_ms"]),
                     "prefill_s": r["prefill_s"],
@@ -1048,7 +1054,13 @@ SCHEMA = {
             "tpot_ms": NUM,
             "tpot_ms_repeats": ListOf(NUM),
             "cpu_repeats": ListOf(
-                {"steal": Opt(NUM), "busy": Opt(NUM), "throttled_ms": Opt(NUM), "python_us": NUM}
+                {
+                    "steal": Opt(NUM),
+                    "busy": Opt(NUM),
+                    "throttled_ms": Opt(NUM),
+                    "python_us": NUM,
+                    "frontend_python_us": Opt(NUM),
+                }
             ),
             "engine_tpot_ms": Opt(NUM),
             "wall_tpot_ms": NUM,

@@ -178,7 +178,12 @@ def test_report_shows_the_fastest_repeat_and_the_host_interference():
         {"steal": None, "busy": None, "throttled_ms": None, "python_us": 410.0},
     ]
     results = {"target": _job([_row(1, 10.0)]), "drafter": _job([_row(1, 1.0)]), "massv-g5": _job([massv])}
-    text = format_report({"preset": "p", **summarise(results, [1], [5], [])})
+    summary = summarise(results, [1], [5], [])
+    # saved before the frontend's loop was timed: the counter is there, as null
+    row = next(r for r in summary["e2e"] if r["mode"] == "massv")
+    assert [c["frontend_python_us"] for c in row["cpu_repeats"]] == [None] * 3
+    assert [c["python_us"] for c in row["cpu_repeats"]] == [400.0, 720.0, 410.0]
+    text = format_report({"preset": "p", **summary})
     header = next(line for line in text.splitlines() if line.startswith("engine") and "fastest" in line)
     row = next(line for line in text.splitlines() if line.startswith("massv γ=5"))
     cells = dict(zip(re.split(r"\s{2,}", header.strip()), re.split(r"\s{2,}", row.strip())))
@@ -368,6 +373,7 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     # each repeat records the host's CPU interference (this Linux machine has /proc/stat)
     assert len(b1["cpu_repeats"]) == 2 and all(0 <= c["steal"] <= 1 for c in b1["cpu_repeats"])
     assert all(c["python_us"] > 0 for c in b1["cpu_repeats"])  # timed in the engine's process
+    assert all(c["frontend_python_us"] > 0 for c in b1["cpu_repeats"])  # and in this one
     # --profile: the phases of a spec step, and how vLLM ran each forward. At B=1 every verify
     # forward carries γ + 1 = 3 tokens (CPU: no CUDA graphs, mode NONE); MASSV's loop drafted.
     prof = doc["profile"]["massv-g2"]["1"]

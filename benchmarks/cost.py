@@ -41,9 +41,10 @@ whole batch and nothing else, timed in the worker (``measure``), over n decode t
 runs is reported with their fastest and their spread, and each repeat records the host's CPU
 steal and the container's quota throttling (``host_sample``) and how fast the engine's process
 and this frontend process run a fixed Python loop (``cost_ext.python_speed_us``): on the GPU
-machine, a VM, spec engines' repeats were bimodal, with the engine's loop slower in the slow ones. Two older estimates stay beside it: ``engine_tpot_ms`` from
-vLLM's per-request first/last-token timestamps (at B > 1 it carries the prefills of requests that
-reached the engine later) and ``wall_tpot_ms``, (time(n + 1 tokens) - time(1 token)) / n.
+machine, a VM, spec engines' repeats were bimodal, with the engine's loop slower in the slow ones.
+Two older estimates stay beside it: ``engine_tpot_ms`` from vLLM's per-request first/last-token
+timestamps (at B > 1 it carries the prefills of requests that reached the engine later) and
+``wall_tpot_ms``, (time(n + 1 tokens) - time(1 token)) / n.
 """
 
 from __future__ import annotations

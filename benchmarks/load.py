@@ -13,11 +13,11 @@ Checks (exit status 1 if any fails): no 5xx / dropped connection / in-stream err
 the valid workload; every completed greedy answer equals the reference (no-speculation) answer,
 streaming ones concatenated (``--tie-tol``: a divergence is tolerated only where the reference's
 top-2 logprob gap at the first differing token is below it and the MASSV token is the reference's
-second choice; each one is printed. Exact equality holds in float32: vLLM's ``auto`` dtype serves a
-float32 checkpoint in bfloat16 on a GPU, where two servers that batch differently round
-differently, so pass ``--engine-arg dtype='"float32"'`` for the check); cancelled streams are aborted by the server (vLLM counts only
-requests that finish in the engine: any that ran to completion are reported; the check fails if
-none was aborted); afterwards the server drains to zero running/waiting requests, answers /health
+second choice; each one is printed. Exact equality holds in float32: vLLM's ``auto`` dtype serves
+a float32 checkpoint in bfloat16 on a GPU, where two servers that batch differently round
+differently, so pass ``--engine-arg dtype='"float32"'`` for the check); cancelled streams are
+aborted by the server (vLLM counts only requests that finish in the engine: any that ran to
+completion are reported; the check fails if none was aborted); afterwards the server drains to zero running/waiting requests, answers /health
 and a good request with the reference answer.
 
     # both servers in sequence (reference, then MASSV), table + JSON

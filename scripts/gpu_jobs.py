@@ -104,6 +104,22 @@ JOBS: dict[str, Job] = {
         "`noise` with the run and its engine pinned to 8 physical cores, one hardware thread each: "
         "do the slow repeats go away? (issue 12)",
     ),
+    # The engine's model runner in a worker process of its own (vLLM's TP=1 default runs it inside
+    # the engine-core process): the TP=2 run, whose workers are separate processes, had steady
+    # repeats. Is the slow mode contention inside the one engine process?
+    "noise-mp": Job(
+        _cost(
+            QWEN15,
+            "target massv-async",
+            "5",
+            "--repeats",
+            "25",
+            "--engine-arg",
+            'distributed_executor_backend="mp"',
+        ),
+        180,
+        "`noise` with the model runner in its own process (distributed_executor_backend mp) (issue 12)",
+    ),
     "parallel-fullgraph": Job(
         _cost(
             QWEN15,
@@ -232,17 +248,17 @@ JOBS: dict[str, Job] = {
 }
 
 
-CPUS_ENV = "GPU_JOBS_CPUS"
+COST_ARGS_ENV = "GPU_JOBS_COST_ARGS"
 
 
 def command(name: str, work: Path) -> list[str]:
-    """The job's command line, its results going to ``work/<name>``. A timing job gets
-    ``--cpus $GPU_JOBS_CPUS`` where that is set and the job does not pin itself: if pinning turns
-    out to remove the machine's slow repeats (`noise-pinned`), every timing run can use it."""
+    """The job's command line, its results going to ``work/<name>``. A timing job also gets
+    ``$GPU_JOBS_COST_ARGS`` (shell words) at its end, so that a setting that `noise-pinned` or
+    `noise-mp` shows to remove the machine's slow repeats can go on every timing run, for example
+    ``--cpus one-per-core:8``; of a repeated option the last one counts."""
     argv = [a.replace("{out}", str(work / name)) for a in JOBS[name].argv]
-    cpus = os.environ.get(CPUS_ENV)
-    if cpus and JOBS[name].timed and "--cpus" not in argv:
-        argv += ["--cpus", cpus]
+    if JOBS[name].timed:
+        argv += shlex.split(os.environ.get(COST_ARGS_ENV, ""))
     return argv
 
 

@@ -67,13 +67,17 @@ def device_out(tmp_path, monkeypatch):
     monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path / "work"))
 
 
-def test_cpus_from_the_environment_pin_timing_jobs_only(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPU_JOBS_CPUS", "0-3")
-    assert gpu_jobs.command("cost05", tmp_path)[-2:] == ["--cpus", "0-3"]
+def test_extra_cost_arguments_from_the_environment_reach_timing_jobs_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPU_JOBS_COST_ARGS", "--cpus 0-3 --engine-arg 'distributed_executor_backend=\"mp\"'")
+    extra = ["--cpus", "0-3", "--engine-arg", 'distributed_executor_backend="mp"']
+    assert gpu_jobs.command("cost05", tmp_path)[-4:] == extra
     assert "--cpus" not in gpu_jobs.command("load", tmp_path)  # a GPU test, not a timing
-    pinned = gpu_jobs.command("noise-pinned", tmp_path)  # pins itself: its own choice stays
-    assert pinned.count("--cpus") == 1 and pinned[pinned.index("--cpus") + 1] == "one-per-core:8"
-    monkeypatch.delenv("GPU_JOBS_CPUS")
+    # a job that already has --cpus still parses with a second one (argparse keeps the last)
+    pinned = gpu_jobs.command("noise-pinned", tmp_path)
+    with pytest.raises(SystemExit) as e:
+        _module_main("benchmarks.cost")([*pinned[3:], "--help"])
+    assert e.value.code == 0 and pinned[-4:] == extra
+    monkeypatch.delenv("GPU_JOBS_COST_ARGS")
     assert "--cpus" not in gpu_jobs.command("cost05", tmp_path)
 
 

@@ -538,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[{name}] server memory before -> after the load: host RSS {fmt(b['rss_mib'], '.0f')} -> "
                 f"{fmt(a['rss_mib'], '.0f')} MiB, GPU {fmt(b['gpu_mib'], '.0f')} -> {fmt(a['gpu_mib'], '.0f')} MiB"
+                f" ({a['gpu_scope'] or 'no nvidia-smi'})"
             )
         if s.get("cancelled_not_aborted"):
             print(
@@ -574,38 +575,43 @@ def _with_server(
     return summary, res
 
 
-def server_memory(pid: int) -> dict[str, float | None]:
+def _nvidia_smi(query: str) -> list[list[str]]:
+    """Rows of ``nvidia-smi --query-<query> --format=csv,noheader,nounits`` ([] without one)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [[f.strip() for f in line.split(",")] for line in out.splitlines() if line.strip()]
+
+
+def server_memory(pid: int) -> dict[str, Any]:
     """Memory of a server process and all its descendants (API server, engine core, workers):
-    resident host memory and, where ``nvidia-smi`` answers, GPU memory, both in MiB."""
+    resident host memory and, where ``nvidia-smi`` answers, GPU memory, both in MiB. GPU memory is
+    the server's processes' (``gpu_scope`` "processes"); inside a container nvidia-smi may list
+    host PIDs that match none of them, and then it is all memory used on the visible GPUs
+    ("device"), which while one server runs is that server's."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return {"rss_mib": None, "gpu_mib": None}
+        return {"rss_mib": None, "gpu_mib": None, "gpu_scope": None}
     rss = 0
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             rss += proc.memory_info().rss
-    pids = {proc.pid for proc in procs}
-    gpu: float | None = None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        gpu = sum(
-            float(m)
-            for p, m in (line.split(",") for line in out.splitlines() if "," in line)
-            if int(p) in pids
-        )
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass  # no GPU tool here: host memory only
-    return {"rss_mib": rss / 2**20, "gpu_mib": gpu}
+    pids = {str(proc.pid) for proc in procs}
+    mine = [float(r[1]) for r in _nvidia_smi("compute-apps=pid,used_memory") if len(r) == 2 and r[0] in pids]
+    device = [float(r[0]) for r in _nvidia_smi("gpu=memory.used") if r and r[0].replace(".", "").isdigit()]
+    gpu, scope = (sum(mine), "processes") if mine else (sum(device), "device") if device else (None, None)
+    return {"rss_mib": rss / 2**20, "gpu_mib": gpu, "gpu_scope": scope}
 
 
 def _served_model(url: str) -> str:

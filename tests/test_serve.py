@@ -256,8 +256,9 @@ def test_load_reports_the_whole_server_process_trees_memory(server):
     top = psutil.Process(server.proc.pid)
     assert top.children(recursive=True), "vllm serve runs its engine in a child process"
     assert mem["rss_mib"] > top.memory_info().rss / 2**20 + 50
-    assert mem["gpu_mib"] is None
-    assert load.server_memory(2**22 + 12345) == {"rss_mib": None, "gpu_mib": None}  # no such process
+    assert mem["gpu_mib"] is None and mem["gpu_scope"] is None
+    gone = 2**22 + 12345  # above Linux's largest PID: no such process
+    assert load.server_memory(gone) == {"rss_mib": None, "gpu_mib": None, "gpu_scope": None}
 
 
 def test_serving_patches_are_registered():

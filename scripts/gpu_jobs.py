@@ -145,6 +145,12 @@ JOBS: dict[str, Job] = {
         240,
         "chrome traces of 4 async MASSV spec steps at B=1 and 8 (in trace.tgz): what keeps B=8 off the ceiling (issue 12)",
     ),
+    "trace-parallel": Job(
+        _cost(QWEN15, "target drafter massv-parallel massv-parallel-async", "5", "--profile", "4", "--trace"),
+        300,
+        "chrome traces and phase profiles of parallel drafting with and without async scheduling: "
+        "what made its async step a steady 27 ms against 15-25 ms without (issue 13)",
+    ),
     # One family per job: both together took 440 s for Qwen2.5-VL alone on 2026-11-30 (one engine
     # start per test, Inductor + CUDA graphs), so the pair does not fit one call.
     "fp32-qwen": _massv_gpu(
@@ -175,8 +181,9 @@ JOBS: dict[str, Job] = {
     # What the fourth session of 2026-11-30 left of `bf16` (beside `scale` on the other GPU it
     # passed 3 of its 4 tests in 569 s, then hit the call's limit) and of `scale` (the load test
     # ran its servers in bf16; now float32).
+    # ~210 s a test beside `scale` (two engines each); alone less
     "bf16-gemma": _massv_gpu(
-        "bfloat16 and gemma3", 300, "bf16 divergences for Gemma3, accepted drafts and low acceptance"
+        "bfloat16 and gemma3", 420, "bf16 divergences for Gemma3, accepted drafts and low acceptance"
     ),
     "load": _pytest(
         "tests/gpu/test_load.py",

@@ -75,6 +75,12 @@ def _cost(preset: str, jobs: str, gammas: str, *extra: str) -> tuple[str, ...]:
 
 BEFORE_AFTER = "target drafter stock massv-stockloop massv massv-async"
 
+
+def _noise(*extra: str) -> tuple[str, ...]:
+    """25 repeats of the target and one async MASSV engine at γ=5: is a repeat fast or slow?"""
+    return _cost(QWEN15, "target massv-async", "5", "--repeats", "25", *extra)
+
+
 JOBS: dict[str, Job] = {
     "cost15": Job(
         _cost(QWEN15, BEFORE_AFTER, "3 5"),
@@ -93,30 +99,29 @@ JOBS: dict[str, Job] = {
         "the first draft pass as a full CUDA graph, beside the default loop (issue 12)",
     ),
     "noise": Job(
-        _cost(QWEN15, "target massv-async", "5", "--repeats", "25"),
+        _noise(),
         180,
         "25 repeats of one async MASSV engine with each repeat's CPU steal, throttling and host "
         "Python speed: are the bimodal repeats a slower host? (issue 12)",
     ),
     "noise-pinned": Job(
-        _cost(QWEN15, "target massv-async", "5", "--repeats", "25", "--cpus", "one-per-core:8"),
+        _noise("--cpus", "one-per-core:8"),
         180,
         "`noise` with the run and its engine pinned to 8 physical cores, one hardware thread each: "
         "do the slow repeats go away? (issue 12)",
+    ),
+    # vLLM's own binding (numactl wrapper around the engine process): what a `vllm serve` user would
+    # set if pinning helps. Needs numactl on the machine.
+    "noise-numa": Job(
+        _noise("--engine-arg", "numa_bind=true", "--engine-arg", 'numa_bind_cpus=["0-7"]'),
+        180,
+        "`noise` with vLLM's --numa-bind --numa-bind-cpus 0-7 instead of --cpus (issue 12)",
     ),
     # The engine's model runner in a worker process of its own (vLLM's TP=1 default runs it inside
     # the engine-core process): the TP=2 run, whose workers are separate processes, had steady
     # repeats. Is the slow mode contention inside the one engine process?
     "noise-mp": Job(
-        _cost(
-            QWEN15,
-            "target massv-async",
-            "5",
-            "--repeats",
-            "25",
-            "--engine-arg",
-            'distributed_executor_backend="mp"',
-        ),
+        _noise("--engine-arg", 'distributed_executor_backend="mp"'),
         180,
         "`noise` with the model runner in its own process (distributed_executor_backend mp) (issue 12)",
     ),

@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import random
 import subprocess
 import sys
@@ -595,7 +596,7 @@ def server_memory(pid: int) -> dict[str, Any]:
     resident host memory and, where ``nvidia-smi`` answers, GPU memory, both in MiB. GPU memory is
     the server's processes' (``gpu_scope`` "processes"); inside a container nvidia-smi may list
     host PIDs that match none of them, and then it is all memory used on the visible GPUs
-    ("device"), which while one server runs is that server's."""
+    ("device": those of ``CUDA_VISIBLE_DEVICES``), which while one server runs is that server's."""
     import psutil
 
     try:
@@ -609,7 +610,15 @@ def server_memory(pid: int) -> dict[str, Any]:
             rss += proc.memory_info().rss
     pids = {str(proc.pid) for proc in procs}
     mine = [float(r[1]) for r in _nvidia_smi("compute-apps=pid,used_memory") if len(r) == 2 and r[0] in pids]
-    device = [float(r[0]) for r in _nvidia_smi("gpu=memory.used") if r and r[0].replace(".", "").isdigit()]
+    # nvidia-smi lists every GPU of the machine; count those this process may use (a numeric
+    # CUDA_VISIBLE_DEVICES, as gpu_jobs' lanes set it), else all
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "").split(",")
+    wanted = set(visible) if all(v.isdigit() for v in visible) else None
+    device = [
+        float(r[1])
+        for r in _nvidia_smi("gpu=index,memory.used")
+        if len(r) == 2 and r[1].replace(".", "").isdigit() and (wanted is None or r[0] in wanted)
+    ]
     gpu, scope = (sum(mine), "processes") if mine else (sum(device), "device") if device else (None, None)
     return {"rss_mib": rss / 2**20, "gpu_mib": gpu, "gpu_scope": scope}
 

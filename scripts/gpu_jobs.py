@@ -175,13 +175,14 @@ JOBS: dict[str, Job] = {
         "with accepted drafts (issue 12; vLLM's CPU platform never runs it)",
     ),
     "async-gemma": _massv_gpu("async and gemma3", 360, "the same for Gemma3"),
+    # Two tests of two engines each, like bf16-gemma (386 s beside another job).
     "firstpass-qwen": _massv_gpu(
         "first_pass and qwen2_5_vl",
-        300,
+        380,
         "the first draft pass as MASSV's full CUDA graph, sequential and parallel drafting, Qwen2.5-VL: "
         "T=0 lossless with accepted drafts (issues 12, 13)",
     ),
-    "firstpass-gemma": _massv_gpu("first_pass and gemma3", 300, "the same for Gemma3"),
+    "firstpass-gemma": _massv_gpu("first_pass and gemma3", 380, "the same for Gemma3"),
     "bf16": _massv_gpu("bfloat16", 360, "bf16 divergences with the reference's top-2 logit gap (issue 15.2)"),
     # What the fourth session of 2026-11-30 left of `bf16` (beside `scale` on the other GPU it
     # passed 3 of its 4 tests in 569 s, then hit the call's limit) and of `scale` (the load test
@@ -208,13 +209,19 @@ JOBS: dict[str, Job] = {
         seconds=540,
         shows="200 mixed prompts at batch 1 and 64; 200 concurrent requests with 20 cancellations (issue 15.4)",
     ),
+    # Stage seconds on 2026-11-30 (x2, each beside another job): world 17, target 320, small LM 40,
+    # phase 1 288, generate 114, SDViT 75, parallel 367 (features computed again, since shared),
+    # ablation 141, TVD 49. "--until parallel" as the second job was cut inside the parallel stage.
     "world1": Job(
         (*WORLD, "--until", "drafters"), 420, "world, target, small LM, drafters (issue 15.5)", None
     ),
-    "world2": Job(
-        (*WORLD, "--until", "parallel"), 480, "phase 1, generate, SDViT, the parallel drafter", None
+    "world2": Job((*WORLD, "--until", "sdvit"), 480, "phase 1, generate, SDViT", None),
+    "world3": Job(
+        WORLD,
+        360,
+        "the parallel drafter, the ablation (5 engines) and TVD; the summary",
+        "runs/world/summary.json",
     ),
-    "world3": Job(WORLD, 300, "ablation (5 engines) and TVD; the summary", "runs/world/summary.json"),
     "world-loops": Job(
         (
             "bash",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,17 @@ def test_every_training_loss_falls(run):
         losses = [e["loss"] for e in steps if "loss" in e and "lr" in e]
         assert len(losses) == result["steps"] >= 4
         assert sum(losses[-2:]) < sum(losses[:2]), (name, losses)
+
+
+def test_the_parallel_stage_reads_the_features_phase1_and_sdvit_computed(run):
+    out, _, _ = run
+    for log in ("parallel-phase1", "parallel-sdvit"):
+        text = (out / "logs" / f"{log}.log").read_text()
+        # One line after the features are prepared, one at the end of training (totals).
+        stats = [tuple(map(int, m)) for m in re.findall(r"feature cache: (\d+) hits, (\d+) computed", text)]
+        assert len(stats) == 2, (log, text[-2000:])
+        assert all(computed == 0 for _, computed in stats) and stats[-1][0] > 0, (log, stats)
+    assert (out / "feature-cache").is_dir() and not (out / "parallel" / "phase1" / "feature-cache").exists()
 
 
 def test_target_accuracy_is_recomputed_from_its_own_answers(run):

@@ -2,8 +2,9 @@
 
     python -m benchmarks.world run --out runs/world                    # everything (GPU: full size,
                                                                        # no GPU: the CPU demo)
-    python -m benchmarks.world run --out runs/world --until drafters   # or in two commands: 1st
-    python -m benchmarks.world run --out runs/world                    # 2nd: the rest
+    python -m benchmarks.world run --out runs/world --until drafters   # or in three commands (a GPU
+    python -m benchmarks.world run --out runs/world --until sdvit      # call's 10 minutes): 1st, 2nd,
+    python -m benchmarks.world run --out runs/world                    # 3rd: the rest
 
 Every stage writes ``DIR/stages/<stage>.json`` (result + seconds) when it finishes; a rerun skips
 finished stages, so the run can be split across commands (``--until``, ``--stages``) and resumed
@@ -15,6 +16,7 @@ The stages own the folders below ``DIR``:
     phase1/drafter       MASSV without SDViT                         generate/  the target's responses
     sdvit/drafter        MASSV (phase 1 + SDViT)                     ablation/, tvd/, logs/
     parallel/sdvit/drafter  MASSV trained for parallel drafting too (parallel/phase1: its phase 1)
+    feature-cache/       the target's image features, shared by every training run
 
 World, target, small LM and drafter building run in this process; drafter training, generation and
 the ablation run the project's scripts (``train/pretrain_projector.py``, ``train/generate.py``,
@@ -64,10 +66,11 @@ DRAFTER_DIRS = {
 # Served with "parallel_drafting": true (the benchmarks' ``NAME=parallel:FOLDER`` form): phase 1 and
 # SDViT as above, each also trained to draft all γ tokens in one forward (``--parallel-draft-tokens``).
 PARALLEL_DRAFTERS = ("massv-parallel",)
-# Folders each stage writes; --force clears them (and those of every stage downstream).
+# Folders each stage writes; --force clears them (and those of every stage downstream). The training
+# stages' shared feature cache holds the target's features, so it goes with the target.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "world": ("world", "tokenizer"),
-    "target": ("target",),
+    "target": ("target", "feature-cache"),
     "small_lm": ("small_lm",),
     "drafters": ("drafters",),
     "phase1": ("phase1",),
@@ -272,10 +275,14 @@ ZERO0 = "train/configs/zero0.json"
 
 def _train_args(run: Run, epochs: float, batch: int, lr: float) -> list[Any]:
     """Options shared by phase 1 and SDViT. ``--resume`` continues a killed run from its last
-    checkpoint and starts from scratch when there is none, so a rerun never repeats work."""
+    checkpoint and starts from scratch when there is none, so a rerun never repeats work. Every
+    training run shares one feature cache (keyed by target and image content): the parallel stage
+    reads the features phase 1 and SDViT computed (on the GPU, computing them again took ~4 of its
+    6 minutes)."""
     return [
         "--deepspeed_config", REPO / ZERO0, "--epochs", epochs, "--global-batch-size", batch,
         "--micro-batch-size", batch, "--lr", lr, "--warmup-ratio", 0.05, "--seed", run.seed, "--resume",
+        "--feature-cache", run.p("feature-cache"),
     ]  # fmt: skip
 
 

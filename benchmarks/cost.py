@@ -64,6 +64,7 @@ from typing import Any
 
 from benchmarks import cli
 from benchmarks.cost_ext import WATCHDOG_ENV, python_speed_us
+from benchmarks.cpus import choose_cpus
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -540,61 +541,6 @@ def host_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         "busy": 1 - (after["idle"] - before["idle"]) / total if jiffies else None,
         "throttled_ms": after["throttled_ms"] - before["throttled_ms"] if throttled else None,
     }
-
-
-SYS_CPU = "/sys/devices/system/cpu"
-
-
-def parse_cpu_list(text: str) -> list[int]:
-    """A Linux CPU list such as ``0-3,8,10-11`` (sysfs, ``taskset -c``) as sorted CPU numbers."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        lo, dash, hi = part.strip().partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
-            raise ValueError(f"not a CPU list: {text!r} (expected e.g. 0-7,16)")
-        first, last = int(lo), int(hi) if dash else int(lo)
-        if last < first or last >= 1 << 16:
-            raise ValueError(f"not a CPU range: {part!r} in {text!r}")
-        cpus.update(range(first, last + 1))
-    return sorted(cpus)
-
-
-def choose_cpus(spec: str, allowed: set[int] | None = None, sys_cpu: str = SYS_CPU) -> list[int]:
-    """The CPUs of ``--cpus SPEC``: a CPU list, or ``one-per-core:N``, the first N physical cores
-    among the CPUs this process may use, one hardware thread of each (sysfs topology), so that no
-    two threads of the engine share a core. Raises ValueError naming what is wrong."""
-    if allowed is None:
-        if not hasattr(os, "sched_getaffinity"):
-            raise ValueError("--cpus needs Linux (os.sched_setaffinity)")
-        allowed = set(os.sched_getaffinity(0))
-    kind, colon, count = spec.partition(":")
-    if kind == "one-per-core" and colon:
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"--cpus {spec!r}: expected one-per-core:N with N >= 1")
-        cores: dict[tuple[int, ...], int] = {}  # a core's hardware threads -> the first one allowed
-        for cpu in sorted(allowed):
-            try:
-                siblings = tuple(
-                    parse_cpu_list((Path(sys_cpu) / f"cpu{cpu}/topology/thread_siblings_list").read_text())
-                )
-            except (OSError, ValueError):
-                siblings = (cpu,)  # no topology: count each CPU as a core of its own
-            cores.setdefault(siblings, cpu)
-        if int(count) > len(cores):
-            raise ValueError(
-                f"--cpus {spec!r}: only {len(cores)} physical cores among the {len(allowed)} CPUs this process may use"
-            )
-        return sorted(list(cores.values())[: int(count)])
-    try:
-        cpus = parse_cpu_list(spec)
-    except ValueError:
-        raise ValueError(f"--cpus {spec!r}: expected a CPU list such as 0-7,16, or one-per-core:N") from None
-    outside = sorted(set(cpus) - allowed)
-    if outside:
-        raise ValueError(
-            f"--cpus {spec!r}: CPU(s) {outside} are not among the CPUs this process may use {sorted(allowed)}"
-        )
-    return cpus
 
 
 @contextlib.contextmanager

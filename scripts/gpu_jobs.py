@@ -281,14 +281,25 @@ def command(name: str, work: Path) -> list[str]:
     return argv
 
 
+# Sets the CPU mask, then becomes the job (exec keeps the pid): the job and every process and
+# thread it starts inherit the mask, and OpenMP sizes torch's thread pool to it.
+PIN = "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); os.execvp(sys.argv[2], sys.argv[2:])"
+
+
 def run_job(
-    name: str, out: Path, work: Path, deadline: float | None = None, env: dict[str, str] | None = None
+    name: str,
+    out: Path,
+    work: Path,
+    deadline: float | None = None,
+    env: dict[str, str] | None = None,
+    cpus: list[int] | None = None,
 ) -> int:
     """Run one job (results in ``work``; log and archive in ``out``); returns its exit status.
 
     At ``deadline`` (a ``time.monotonic()`` value) the job's process group is killed and what it
     wrote so far is still archived: the device call's own limit would lose the archive. ``env``
-    is added to the job's environment (a lane's ``CUDA_VISIBLE_DEVICES``).
+    is added to the job's environment (a lane's ``CUDA_VISIBLE_DEVICES``); ``cpus`` (a lane's
+    share of the host's cores) is the CPU mask the job runs under.
     """
     job = JOBS[name]
     cmd = command(name, work)
@@ -296,6 +307,9 @@ def run_job(
     t0 = time.monotonic()
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
+        if cpus:
+            f.write(f"[gpu_jobs] {name}: on CPUs {_cpu_list(cpus)}\n")
+            cmd = [sys.executable, "-c", PIN, ",".join(map(str, cpus)), *cmd]
         f.flush()
         proc = subprocess.Popen(
             cmd,
@@ -337,14 +351,39 @@ def _kill_group(proc: subprocess.Popen, name: str) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _cpus():
+    """``benchmarks.cpus`` (standard library only), importable however this script is started."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import benchmarks.cpus
+
+    return benchmarks.cpus
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return _cpus().format_cpu_list(cpus)
+
+
 def run_lanes(lanes: list[list[str]], out: Path, work: Path, deadline: float | None) -> int:
-    """Each lane's jobs in order on its own GPU (lane i sees only GPU i), the lanes side by side;
-    returns the number of failed jobs."""
+    """Each lane's jobs in order on its own GPU (lane i sees only GPU i) and its own share of the
+    host's physical cores, the lanes side by side; returns the number of failed jobs.
+
+    Without the split every job's torch and vLLM size their thread pools to all the host's CPUs,
+    so two lanes oversubscribe it: on 2026-11-30 computing the world's image features took ~5x
+    longer beside another lane than alone."""
     failed = [0] * len(lanes)
+    try:
+        shares, why = _cpus().split_cores(len(lanes)), "fewer physical cores than lanes"
+    except ValueError as e:  # not Linux
+        shares, why = None, str(e)
+    for i in range(len(lanes)):
+        on = f"CPUs {_cpu_list(shares[i])}" if shares else f"all CPUs ({why})"
+        print(f"[gpu_jobs] lane {i}: GPU {i}, {on}: {' '.join(lanes[i])}", flush=True)
 
     def lane(i: int) -> None:
         env = {"CUDA_VISIBLE_DEVICES": str(i)}
-        failed[i] = sum(run_job(n, out, work, deadline, env) != 0 for n in lanes[i])
+        cpus = shares[i] if shares else None
+        failed[i] = sum(run_job(n, out, work, deadline, env, cpus) != 0 for n in lanes[i])
 
     threads = [threading.Thread(target=lane, args=(i,)) for i in range(len(lanes))]
     for t in threads:
@@ -382,9 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown job(s) {unknown} or an empty lane; the jobs: {', '.join(JOBS)}")
     timed = sorted({n for lane in lanes for n in lane if JOBS[n].timed})
     if len(lanes) > 1 and timed:
-        # A spec step is host-bound and lanes share the host's CPUs: beside a job on the other GPU
-        # spec steps ran ~1.5x slower (2026-11-30). Alone they were still bimodal across repeats
-        # (third session), so the machine adds noise of its own; lanes would add more.
+        # A spec step is host-bound and lanes share the host (memory, caches; once all its CPUs):
+        # beside a job on the other GPU spec steps ran ~1.5x slower (2026-11-30), even with each
+        # lane pinned to half the CPUs. Alone they were still bimodal across repeats (third
+        # session), so the machine adds noise of its own; lanes would add more.
         p.error(f"timing job(s) {timed} must have the machine to themselves: use `run`, not lanes")
     total = max(sum(JOBS[n].seconds for n in lane) for lane in lanes)
     if total > 560:  # one device call ends at 600 s

@@ -19,7 +19,6 @@ from safetensors import safe_open
 from benchmarks.cost import (
     SCHEMA,
     format_report,
-    parse_cpu_list,
     summarise,
     write_placeholder_safetensors,
     write_shape_set,
@@ -271,44 +270,6 @@ def test_host_sample_reads_steal_idle_and_cgroup_throttling(tmp_path):
     # no such files (not Linux): no counters, and the shares say so instead of failing
     none = host_sample(str(tmp_path / "missing"), ())
     assert none == {} and host_shares(none, none) == {"steal": None, "busy": None, "throttled_ms": None}
-
-
-def _topology(root, cores: list[str]):
-    """A fake /sys/devices/system/cpu: core i's hardware threads are ``cores[i]`` (a CPU list)."""
-    for siblings in cores:
-        for cpu in parse_cpu_list(siblings):
-            d = root / f"cpu{cpu}" / "topology"
-            d.mkdir(parents=True)
-            (d / "thread_siblings_list").write_text(siblings + "\n")
-    return str(root)
-
-
-def test_cpu_lists_and_one_hardware_thread_per_core(tmp_path):
-    from benchmarks.cost import choose_cpus
-
-    assert parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
-    # 4 cores with two hardware threads each, numbered the usual Linux way (core i: i and i+4)
-    sys_cpu = _topology(tmp_path, ["0,4", "1,5", "2,6", "3,7"])
-    allowed = set(range(8))
-    assert choose_cpus("one-per-core:3", allowed, sys_cpu) == [0, 1, 2]
-    # only the CPUs this process may use count: core 0 is reached through its second thread
-    assert choose_cpus("one-per-core:2", {2, 3, 4, 6, 7}, sys_cpu) == [2, 3]
-    assert choose_cpus("one-per-core:3", {2, 3, 4, 6, 7}, sys_cpu) == [2, 3, 4]
-    # siblings given as a range ("0-1") and a machine without topology files (each CPU a core)
-    assert choose_cpus("one-per-core:2", {0, 1, 2, 3}, _topology(tmp_path / "b", ["0-1", "2-3"])) == [0, 2]
-    assert choose_cpus("one-per-core:3", {5, 6, 9}, str(tmp_path / "none")) == [5, 6, 9]
-    assert choose_cpus("1,3", allowed, sys_cpu) == [1, 3]
-    for spec, says in [
-        ("one-per-core:5", "only 4 physical cores"),
-        ("one-per-core:0", "N >= 1"),
-        ("one-per-core:x", "N >= 1"),
-        ("0-9", "[8, 9] are not among"),
-        ("3-1", "expected a CPU list"),
-        ("all", "expected a CPU list"),
-        ("0-99999999", "expected a CPU list"),
-    ]:
-        with pytest.raises(ValueError, match=re.escape(says)):
-            choose_cpus(spec, allowed, sys_cpu)
 
 
 def test_cpus_flag_errors_before_any_engine(tmp_path, monkeypatch, capsys):

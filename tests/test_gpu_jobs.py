@@ -4,6 +4,7 @@ job's log and results come back as the device tool returns them (one log + one a
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 import subprocess
@@ -141,6 +142,40 @@ def test_lanes_run_side_by_side_each_on_its_own_gpu(tmp_path, monkeypatch, devic
     assert gpus == {"a": "0", "c": "0", "b": "1"}
     with pytest.raises(SystemExit):
         gpu_jobs.main(["lanes", "a", "nope"])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU masks are Linux-only")
+def test_each_lane_runs_on_its_share_of_the_cpus(tmp_path, monkeypatch, device_out, capsys):
+    """Jobs and what they start run under their lane's CPU mask; without a split, on all CPUs."""
+    import benchmarks.cpus
+
+    rec = (
+        "import os,pathlib,subprocess,sys; p=pathlib.Path(sys.argv[1]); p.mkdir(parents=True);"
+        " child=subprocess.run([sys.executable,'-c','import os;print(sorted(os.sched_getaffinity(0)))'],"
+        " capture_output=True,text=True).stdout.strip();"
+        " (p/'cpus').write_text(str(sorted(os.sched_getaffinity(0)))+' '+child)"
+    )
+    for name in ("a", "b"):
+        monkeypatch.setitem(
+            gpu_jobs.JOBS, name, gpu_jobs.Job((sys.executable, "-c", rec, "{out}"), 1, "test")
+        )
+    allowed = sorted(os.sched_getaffinity(0))
+    shares = [[allowed[0]], allowed[1:] or [allowed[0]]]
+    monkeypatch.setattr(benchmarks.cpus, "split_cores", lambda n: shares)
+    assert gpu_jobs.main(["lanes", "a", "b"]) == 0
+    for name, share in zip("ab", shares):
+        assert (tmp_path / "work" / name / "cpus").read_text() == f"{share} {share}"  # the job, its child
+        assert f"on CPUs {benchmarks.cpus.format_cpu_list(share)}" in (tmp_path / f"{name}.log").read_text()
+    assert f"lane 0: GPU 0, CPUs {allowed[0]}: a" in capsys.readouterr().out
+    # fewer cores than lanes: every lane on all the CPUs this process may use, and it says why
+    monkeypatch.setattr(benchmarks.cpus, "split_cores", lambda n: None)
+    for name in ("a", "b"):
+        (tmp_path / "work" / name / "cpus").unlink()
+        (tmp_path / "work" / name).rmdir()
+    assert gpu_jobs.main(["lanes", "a", "b"]) == 0
+    for name in ("a", "b"):
+        assert (tmp_path / "work" / name / "cpus").read_text() == f"{allowed} {allowed}"
+    assert "all CPUs (fewer physical cores than lanes)" in capsys.readouterr().out
 
 
 def test_timing_jobs_are_refused_in_lanes(device_out, capsys):

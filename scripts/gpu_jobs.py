@@ -210,8 +210,9 @@ JOBS: dict[str, Job] = {
         shows="200 mixed prompts at batch 1 and 64; 200 concurrent requests with 20 cancellations (issue 15.4)",
     ),
     # Stage seconds on 2026-11-30 (x2, each beside another job): world 17, target 320, small LM 40,
-    # phase 1 288, generate 114, SDViT 75, parallel 367 (features computed again, since shared),
-    # ablation 141, TVD 49. "--until parallel" as the second job was cut inside the parallel stage.
+    # phase 1 288, generate 114, SDViT 75, parallel 367 (most of it computing phase 1's and SDViT's
+    # features again; the stages share one cache since), ablation 141, TVD 49. "--until parallel"
+    # as the second job was cut inside the parallel stage.
     "world1": Job(
         (*WORLD, "--until", "drafters"), 420, "world, target, small LM, drafters (issue 15.5)", None
     ),

@@ -49,11 +49,9 @@ timestamps (at B > 1 it carries the prefills of requests that reached the engine
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -64,7 +62,7 @@ from typing import Any
 
 from benchmarks import cli
 from benchmarks.cost_ext import WATCHDOG_ENV, python_speed_us
-from benchmarks.cpus import choose_cpus
+from benchmarks.cpus import choose_cpus, pinned
 from benchmarks.report import (
     META_SCHEMA,
     NUM,
@@ -541,21 +539,6 @@ def host_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         "busy": 1 - (after["idle"] - before["idle"]) / total if jiffies else None,
         "throttled_ms": after["throttled_ms"] - before["throttled_ms"] if throttled else None,
     }
-
-
-@contextlib.contextmanager
-def pinned(cpus: list[int] | None):
-    """Run the block with this thread, and so every engine process it starts (they inherit the
-    mask), on ``cpus``; the previous mask is restored afterwards. None: unchanged."""
-    if not cpus:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def fmt_share(x: float | None) -> str:

@@ -6,7 +6,9 @@ splits the host's cores between jobs that run side by side on different GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 SYS_CPU = "/sys/devices/system/cpu"
@@ -103,3 +105,19 @@ def split_cores(n: int, allowed: set[int] | None = None, sys_cpu: str = SYS_CPU)
         groups.append(sorted(cpu for core in cores[start:end] for cpu in core))
         start = end
     return groups
+
+
+@contextlib.contextmanager
+def pinned(cpus: list[int] | None) -> Iterator[None]:
+    """Run the block with this thread, and so every process it starts (an engine, a job: they
+    inherit the thread's mask), on ``cpus``; the previous mask is restored afterwards. Linux sets
+    the mask per thread, so other threads (another GPU lane) keep theirs. None: unchanged."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)

@@ -282,11 +282,6 @@ def command(name: str, work: Path) -> list[str]:
     return argv
 
 
-# Sets the CPU mask, then becomes the job (exec keeps the pid): the job and every process and
-# thread it starts inherit the mask, and OpenMP sizes torch's thread pool to it.
-PIN = "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); os.execvp(sys.argv[2], sys.argv[2:])"
-
-
 def run_job(
     name: str,
     out: Path,
@@ -300,7 +295,8 @@ def run_job(
     At ``deadline`` (a ``time.monotonic()`` value) the job's process group is killed and what it
     wrote so far is still archived: the device call's own limit would lose the archive. ``env``
     is added to the job's environment (a lane's ``CUDA_VISIBLE_DEVICES``); ``cpus`` (a lane's
-    share of the host's cores) is the CPU mask the job runs under.
+    share of the host's cores) is the CPU mask the job runs under: it and everything it starts
+    inherit it, and OpenMP sizes torch's thread pool to it.
     """
     job = JOBS[name]
     cmd = command(name, work)
@@ -310,17 +306,17 @@ def run_job(
         f.write(f"$ {shlex.join(cmd)}\n")
         if cpus:
             f.write(f"[gpu_jobs] {name}: on CPUs {_cpu_list(cpus)}\n")
-            cmd = [sys.executable, "-c", PIN, ",".join(map(str, cpus)), *cmd]
         f.flush()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        with _cpus().pinned(cpus):  # this lane's thread only; the child inherits its mask
+            proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env={**os.environ, **(env or {})},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
         timer = None
         if deadline is not None:
             timer = threading.Timer(max(0.0, deadline - t0), _kill_group, (proc, name))

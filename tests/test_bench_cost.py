@@ -281,22 +281,6 @@ def test_cpus_flag_errors_before_any_engine(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and "--cpus '0-100000'" in capsys.readouterr().err
 
 
-def test_pinned_engine_processes_inherit_the_cpus_and_the_mask_is_restored():
-    """What ``--cpus`` relies on: a process started inside ``pinned`` (as vLLM starts its engine)
-    runs on those CPUs; the caller's own mask is back afterwards."""
-    from benchmarks.cost import pinned
-
-    before = os.sched_getaffinity(0)
-    one = [min(before)]
-    probe = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
-    with pinned(one):
-        inside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
-    assert inside == str(one)
-    assert os.sched_getaffinity(0) == before
-    outside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
-    assert outside == str(sorted(before))
-
-
 @pytest.mark.engine
 @pytest.mark.slow
 def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
@@ -401,8 +385,6 @@ def test_the_watchdog_is_armed_in_the_engine_process_while_it_starts():
     """An engine that stalls before any RPC reaches it still prints its stacks: the worker imports
     benchmarks.cost_ext at start-up, which arms the dump from $MASSV_COST_WATCHDOG_S."""
     import os
-    import subprocess
-    import sys
 
     code = "import time\nimport benchmarks.cost_ext\ndef stalled_at_start():\n    time.sleep(1.0)\nstalled_at_start()\n"
     for seconds, expect in (("0.3", True), ("", False)):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from benchmarks.cpus import choose_cpus, format_cpu_list, parse_cpu_list, split_cores
+from benchmarks.cpus import choose_cpus, format_cpu_list, parse_cpu_list, pinned, split_cores
 
 
 def _topology(root, cores: list[str]):
@@ -68,3 +71,17 @@ def test_lanes_get_disjoint_whole_cores(tmp_path):
     assert split_cores(2, {0, 1, 2}, str(tmp_path / "none")) == [[0, 1], [2]]
     with pytest.raises(ValueError, match="0 groups"):
         split_cores(0, allowed, sys_cpu)
+
+
+def test_pinned_engine_processes_inherit_the_cpus_and_the_mask_is_restored():
+    """What ``--cpus`` relies on: a process started inside ``pinned`` (as vLLM starts its engine)
+    runs on those CPUs; the caller's own mask is back afterwards."""
+    before = os.sched_getaffinity(0)
+    one = [min(before)]
+    probe = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    with pinned(one):
+        inside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert inside == str(one)
+    assert os.sched_getaffinity(0) == before
+    outside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert outside == str(sorted(before))

@@ -62,6 +62,9 @@ def test_load_with_cancellations_is_lossless_and_error_free(tiny_qwen, tmp_path)
     assert massv["completed"] == REQUESTS
     assert massv["server_errors"] == 0
     assert massv["spec"]["num_drafts"] > 0
+    # drafts were accepted under load, so the equality above covers the accepted-prefix path
+    # (this tiny drafter: MAL 1.83 at γ=3 over 200 requests on an H200, 2026-11-30)
+    assert massv["spec"]["mean_accepted_length"] > 1.3, massv["spec"]
     # the server's memory before and after the load is on record (GPU memory where nvidia-smi is)
     for run in report["runs"].values():
         assert run["memory_before"]["rss_mib"] > 0 and run["memory_after"]["rss_mib"] > 0

@@ -93,9 +93,17 @@ JOBS: dict[str, Job] = {
         480,
         "parallel drafting's forced-acceptance speed-up and ceiling (issue 13)",
     ),
+    # 15 repeats in the comparison jobs: the host runs spec steps at two speeds for seconds at a
+    # time (sixth session of 2026-11-30), so 5 repeats per engine can land mostly in one mode.
     "fullgraph": Job(
-        _cost(QWEN15, "target drafter massv massv-async massv-fullgraph massv-fullgraph-async", "5"),
-        360,
+        _cost(
+            QWEN15,
+            "target drafter massv massv-async massv-fullgraph massv-fullgraph-async",
+            "5",
+            "--repeats",
+            "15",
+        ),
+        450,
         "the first draft pass as a full CUDA graph, beside the default loop (issue 12)",
     ),
     "noise": Job(
@@ -131,8 +139,10 @@ JOBS: dict[str, Job] = {
             "target drafter massv-parallel massv-parallel-async massv-parallel-fullgraph "
             "massv-parallel-fullgraph-async",
             "5",
+            "--repeats",
+            "15",
         ),
-        360,
+        450,
         "parallel drafting's one draft pass as a full CUDA graph, beside vLLM's pass (issue 13)",
     ),
     "gemma": Job(

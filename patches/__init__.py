@@ -32,6 +32,7 @@ so the API-server process never imports worker-only modules just to patch them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import inspect
@@ -138,9 +139,14 @@ def replace_function(
     return original
 
 
+# Cached: ``bind`` runs on every draft proposal, and building a signature costs tens of µs of the
+# host time a spec step is bound by.
+_signature = functools.cache(inspect.signature)
+
+
 def bind(original: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
     """All arguments of a call to ``original`` by name (positional ones included), defaults filled."""
-    bound = inspect.signature(original).bind(*args, **kwargs)
+    bound = _signature(original).bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
 

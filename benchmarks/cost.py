@@ -16,6 +16,8 @@ starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
 * ``massv-async``: ``massv`` with ``async_scheduling=True``;
 * ``massv-fullgraph`` (``-async``): ``massv`` (``-async``) with the first draft pass of decode steps
   as a full graph too (``MASSV_FAST_DRAFT_FIRST_PASS=1``);
+* ``massv-onegraph`` (``-async``): ``massv`` (``-async``) with draft steps 2..γ as one graph per
+  proposal (``MASSV_FAST_DRAFT_ONE_GRAPH=1``); ``massv-graphs-async``: both switches, async;
 * ``massv-parallel``: ``massv`` with ``"parallel_drafting": true`` (one drafter forward proposes all
   γ tokens; the drafter folder names a mask token, ``pard_token``). Its ceiling counts one drafter
   forward, approximated by the drafter's own decode step time; ``massv-parallel-async`` the same with
@@ -87,6 +89,9 @@ JOBS = (
     "massv-async",
     "massv-fullgraph",
     "massv-fullgraph-async",
+    "massv-onegraph",
+    "massv-onegraph-async",
+    "massv-graphs-async",
     "massv-parallel",
     "massv-parallel-async",
     "massv-parallel-fullgraph",
@@ -100,6 +105,9 @@ MASSV_MODES = (
     "massv-async",
     "massv-fullgraph",
     "massv-fullgraph-async",
+    "massv-onegraph",
+    "massv-onegraph-async",
+    "massv-graphs-async",
     "massv-parallel",
     "massv-parallel-async",
     "massv-parallel-fullgraph",
@@ -111,10 +119,14 @@ DRAFT_FORWARDS = {m: (lambda gamma: 1) for m in PARALLEL_MODES}
 # Engine-process environment per job: "massv-stockloop" is MASSV on vLLM's own draft loop (the
 # starting point of the fast-drafting work), "massv" the full-graph loop (patches/_draft_loop.py).
 FIRST_PASS = {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+ONE_GRAPH = {"MASSV_FAST_DRAFT_ONE_GRAPH": "1"}
 JOB_ENV = {
     "massv-stockloop": {"MASSV_FAST_DRAFT": "0"},
     "massv-fullgraph": FIRST_PASS,
     "massv-fullgraph-async": FIRST_PASS,
+    "massv-onegraph": ONE_GRAPH,
+    "massv-onegraph-async": ONE_GRAPH,
+    "massv-graphs-async": FIRST_PASS | ONE_GRAPH,
     "massv-parallel-fullgraph": FIRST_PASS,
     "massv-parallel-fullgraph-async": FIRST_PASS,
 }

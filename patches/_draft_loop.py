@@ -34,6 +34,13 @@ request: e = 1 bonus slot, or with parallel drafting the bonus slot and γ-1 mas
 graph runs the drafter over n·(γ+1+e) slots and samples at the e new slots of each request. With
 parallel drafting that one pass is the whole proposal.
 
+With ``MASSV_FAST_DRAFT_ONE_GRAPH=1`` (off until measured) steps 2..γ are one graph per proposal
+instead of one per step: the attention metadata of a decode step are views of the loop's buffers
+(FlashAttention with ``fast_build``, Triton attention), so they are built once, and the step update
+is vLLM's kernel rewritten in torch ops that read the real batch size from the device
+(``num_valid``): vLLM's kernel takes it as a launch argument, which a graph would freeze. Eagerly
+(CPU) the metadata are rebuilt per step, since vLLM's CPU builder plans from the lengths.
+
 On a machine without CUDA graphs (vLLM's CPU backend, ``enforce_eager``) the loop runs the same
 steps eagerly, so the CPU engine tests cover its arithmetic. Cases it does not handle (sampled
 drafts, data parallelism, more requests than the largest capture size; with parallel drafting,
@@ -88,6 +95,10 @@ class DraftDecodeLoop:
         from massv_vllm.patches.envs import switch
 
         self.first_pass_graphs = switch("MASSV_FAST_DRAFT_FIRST_PASS").enabled()
+        # Steps 2..γ as one graph (MASSV_FAST_DRAFT_ONE_GRAPH, off until measured): the step update
+        # reads the batch size from the device (``num_valid``), so one capture serves any batch <= n.
+        self.one_graph = switch("MASSV_FAST_DRAFT_ONE_GRAPH").enabled()
+        self.one_graph_calls = 0  # proposals whose steps 2..γ ran that way
         self.gamma = proposer.num_speculative_tokens
         self.parallel = bool(proposer.parallel_drafting)
         # New slots per request in the first pass, each one sampled: the bonus token's, plus γ-1
@@ -99,11 +110,17 @@ class DraftDecodeLoop:
         self.fp_seq_lens = torch.zeros(self.max_reqs, dtype=torch.int32, device=dev)
         self.fp_sample_index = torch.zeros(self.max_reqs * self.fp_new, dtype=torch.int64, device=dev)
         self.fp_tokens = torch.zeros(self.max_reqs * self.fp_new, dtype=torch.int64, device=dev)
-        self.graph = self.fp_graph = None
+        self.num_valid = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.req_index = torch.arange(self.max_reqs, dtype=torch.int32, device=dev)
+        self.step_tokens = torch.zeros(self.max_reqs, max(self.gamma - 1, 1), dtype=torch.int64, device=dev)
+        self.graph = self.fp_graph = self.steps_graph = None
         if self.use_graphs:
             from vllm.compilation.cuda_graph import CUDAGraphWrapper
 
-            self.graph = CUDAGraphWrapper(self._forward, cfg, CUDAGraphMode.FULL)
+            if self.one_graph and not self.parallel and self.gamma >= 2:
+                self.steps_graph = CUDAGraphWrapper(self._steps_forward, cfg, CUDAGraphMode.FULL)
+            else:
+                self.graph = CUDAGraphWrapper(self._forward, cfg, CUDAGraphMode.FULL)
             if self.first_pass_graphs:
                 self.fp_graph = CUDAGraphWrapper(self._first_pass_forward, cfg, CUDAGraphMode.FULL)
 
@@ -149,6 +166,37 @@ class DraftDecodeLoop:
         self.tokens[:n] = tokens
         ids.copy_(tokens)  # the next step's input (int32 buffer)
         return self.tokens[:n]
+
+    def _step_update(self, n: int, table: torch.Tensor) -> None:
+        """vLLM's ``eagle_step_slot_mapping_metadata_kernel`` over ``n`` (padded) requests, in torch
+        ops, with the real batch size read from ``num_valid`` on the device instead of passed at
+        launch (a graph would freeze it): requests ``>= num_valid`` only get the padding slot.
+        Reads and advances ``positions[:n]``; advances ``seq_lens[:n]``; writes the slot mapping."""
+        from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+
+        p = self.p
+        valid = self.req_index[:n] < self.num_valid
+        new_position = p.positions[:n] + 1
+        exceeds = new_position >= p.max_model_len
+        clamped = torch.where(exceeds, 0, new_position)
+        block_number = torch.clamp(clamped // p.block_size, max=table.shape[1] - 1)
+        block_id = torch.gather(table[:n], 1, block_number.unsqueeze(1)).squeeze(1)
+        slot = block_id.to(torch.int64) * p.block_size + clamped % p.block_size
+        slot = torch.where(exceeds | ~valid, PADDING_SLOT_ID, slot)
+        seq_len = torch.clamp(torch.where(exceeds, 1, self.seq_lens[:n] + 1), max=p.max_model_len)
+        p._slot_mapping_buffer[:n] = slot
+        p.positions[:n] = torch.where(valid, clamped, p.positions[:n])
+        self.seq_lens[:n] = torch.where(valid, seq_len, self.seq_lens[:n])
+
+    def _steps_forward(self, n: int) -> torch.Tensor:
+        """Draft steps 2..γ over ``n`` (padded) requests, each a step update and a decode step;
+        captured as one full graph (the attention metadata are views of the buffers the updates
+        advance). Returns the γ-1 tokens of each request, [n, γ-1]."""
+        assert self.block_table is not None
+        for k in range(self.gamma - 1):
+            self._step_update(n, self.block_table)
+            self.step_tokens[:n, k] = self._forward(n)
+        return self.step_tokens[:n]
 
     def _first_pass_forward(self, num_tokens: int) -> torch.Tensor:
         """The first draft pass over ``num_tokens`` = n·(γ+1+e) slots, sampling e tokens per
@@ -245,7 +293,14 @@ class DraftDecodeLoop:
             p.positions[:n] = 0
             p.input_ids[:n] = 0
             p._slot_mapping_buffer[:n] = PADDING_SLOT_ID  # dummy steps write no KV
-            if not self.parallel:  # parallel drafting has no decode steps after the first pass
+            if self.steps_graph is not None:
+                self.num_valid.fill_(0)  # every request padding: the dummy steps write no KV
+                per_layer = self._attn_metadata(n, n, p.max_model_len, self.block_table)
+                with self._context(per_layer, n, n, full=False):
+                    self._steps_forward(n)  # warm-up outside the graph
+                with self._context(per_layer, n, n, full=True):
+                    self.steps_graph(n)
+            elif not self.parallel:  # parallel drafting has no decode steps after the first pass
                 per_layer = self._attn_metadata(n, n, p.max_model_len, self.block_table)
                 with self._context(per_layer, n, n, full=False):
                     self._forward(n)  # warm-up (lazy initialisation, autotuning) outside the graph
@@ -363,6 +418,8 @@ class DraftDecodeLoop:
             self.query_start_loc[: n + 1] = p.arange[: n + 1]
             table = block_table
         p.input_ids[:b] = first_tokens
+        if self.one_graph and num_speculative_tokens == self.gamma:
+            return self._draft_in_one(first_tokens, positions, n, table, max_seq_len)
         out = [first_tokens]
         pos = positions
         for _ in range(num_speculative_tokens - 1):
@@ -381,3 +438,33 @@ class DraftDecodeLoop:
             tokens = self._run(n, self._attn_metadata(n, b, max_seq_len, table))
             out.append(tokens[:b].clone())  # the buffer is overwritten by the next step
         return torch.stack(out, dim=1)
+
+    def _draft_in_one(
+        self,
+        first_tokens: torch.Tensor,
+        positions: torch.Tensor,
+        n: int,
+        table: torch.Tensor,
+        max_seq_len: int,
+    ) -> torch.Tensor:
+        """Steps 2..γ with the device-side step update (``MASSV_FAST_DRAFT_ONE_GRAPH``): one graph
+        replay on CUDA, built on one set of attention metadata; eagerly elsewhere, where attention
+        builders may derive host-side data from the sequence lengths, so the metadata are rebuilt
+        per step there (vLLM's CPU builder plans its work from them)."""
+        p = self.p
+        b = first_tokens.shape[0]
+        self.one_graph_calls += 1
+        self.num_valid.fill_(b)
+        p.positions[:b] = positions  # the step update advances them in place
+        if self.steps_graph is not None and self.captured:
+            per_layer = self._attn_metadata(n, b, max_seq_len, table)
+            with self._context(per_layer, n, n, full=True):
+                steps = self.steps_graph(n)
+        else:
+            for k in range(self.gamma - 1):
+                self._step_update(n, table)
+                max_seq_len = min(max_seq_len + 1, p.max_model_len)
+                with self._context(self._attn_metadata(n, b, max_seq_len, table), n, n, full=False):
+                    self.step_tokens[:n, k] = self._forward(n)
+            steps = self.step_tokens[:n]
+        return torch.cat([first_tokens.unsqueeze(1), steps[:b]], dim=1)

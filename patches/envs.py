@@ -12,6 +12,7 @@ the scope of the bad-request and CPU-sampler fixes to every engine of the enviro
 | ``MASSV_PATCH_DRAFT_IMAGES`` | image embeddings reach the drafter (window, layout, log line) | MASSV |
 | ``MASSV_FAST_DRAFT`` | draft decode steps as full CUDA graphs (eager loop on CPU) | MASSV |
 | ``MASSV_FAST_DRAFT_FIRST_PASS`` | also the first draft pass of decode steps, the only one with parallel drafting (default ``0``) | MASSV |
+| ``MASSV_FAST_DRAFT_ONE_GRAPH`` | draft steps 2..γ as one graph, not one per step (default ``0``) | MASSV |
 | ``MASSV_PATCH_COMPILE_CACHE_KEY`` | the drafter is part of the torch.compile cache key | MASSV |
 | ``MASSV_PATCH_CPU_REJECTION_SAMPLER`` | CPU rejection sampler keeps dtypes | MASSV (``always``: all) |
 | ``MASSV_PATCH_CPU_SEEDED_CHUNKS`` | seeded requests survive chunked prefill on CPU | MASSV (``always``: all) |
@@ -74,6 +75,11 @@ SWITCHES: dict[str, Switch] = {
             "MASSV_FAST_DRAFT_FIRST_PASS",
             "the first draft pass of decode steps (parallel drafting's only one) as a full CUDA graph too "
             "(off until measured)",
+            default="0",
+        ),
+        Switch(
+            "MASSV_FAST_DRAFT_ONE_GRAPH",
+            "draft steps 2..γ captured as one CUDA graph instead of one per step (off until measured)",
             default="0",
         ),
         Switch("MASSV_PATCH_COMPILE_CACHE_KEY", "MASSV drafters get their own torch.compile cache"),

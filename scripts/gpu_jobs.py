@@ -106,6 +106,18 @@ JOBS: dict[str, Job] = {
         450,
         "the first draft pass as a full CUDA graph, beside the default loop (issue 12)",
     ),
+    "onegraph": Job(
+        _cost(
+            QWEN15,
+            "target drafter massv massv-async massv-onegraph massv-onegraph-async massv-graphs-async",
+            "5",
+            "--repeats",
+            "15",
+        ),
+        540,
+        "draft steps 2..γ as one CUDA graph per proposal, beside one graph per step, ± async, and with "
+        "the full-graph first pass too (issue 12)",
+    ),
     "noise": Job(
         _noise(),
         180,
@@ -193,6 +205,13 @@ JOBS: dict[str, Job] = {
         "T=0 lossless with accepted drafts (issues 12, 13)",
     ),
     "firstpass-gemma": _massv_gpu("first_pass and gemma3", 380, "the same for Gemma3"),
+    # One test per family, two engines each (reference, MASSV).
+    "onegraph-lossless": _massv_gpu(
+        "one_graph",
+        380,
+        "draft steps 2..γ as one CUDA graph per proposal, both families: T=0 lossless with accepted "
+        "drafts at every position (issue 12)",
+    ),
     "bf16": _massv_gpu("bfloat16", 360, "bf16 divergences with the reference's top-2 logit gap (issue 15.2)"),
     # What the fourth session of 2026-11-30 left of `bf16` (beside `scale` on the other GPU it
     # passed 3 of its 4 tests in 569 s, then hit the call's limit) and of `scale` (the load test

@@ -63,7 +63,7 @@ def target_image_features(target, seeds: list[int], size: tuple[int, int]) -> to
 
 def fast_loop_calls(llm, kind: str = "all") -> int | None:
     """Proposals made by MASSV's own draft loop (patches/_draft_loop.py), ``all`` or those whose
-    ``first_pass`` ran there too; needs the probe."""
+    ``first_pass`` ran there too, or whose steps took the ``one_graph`` update; needs the probe."""
     calls = llm.collective_rpc("massv_fast_loop_calls")[0]
     return None if calls is None else calls[kind]
 

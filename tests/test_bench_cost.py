@@ -406,3 +406,20 @@ def test_parallel_full_graph_jobs_combine_their_settings():
     assert job_env("qwen2_5_vl", "massv-parallel-fullgraph", spec) == {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
     assert job_engine_kw("qwen2_5_vl", {}, "massv-parallel-fullgraph", spec) == {}
     assert job_env("qwen2_5_vl", "massv-parallel", spec) is None and "massv" not in JOB_SPEC
+
+
+def test_one_graph_jobs_combine_their_settings():
+    """-onegraph turns on the one-graph draft steps, massv-graphs-async that and the full-graph
+    first pass with async scheduling; all of them draft sequentially (γ forwards a step)."""
+    from benchmarks.cost import DRAFT_FORWARDS, JOB_SPEC, job_engine_kw, job_env
+
+    spec = {"method": "massv", "model": "d", "num_speculative_tokens": 5}
+    one = {"MASSV_FAST_DRAFT_ONE_GRAPH": "1"}
+    assert job_env("qwen2_5_vl", "massv-onegraph", spec) == one
+    assert job_engine_kw("qwen2_5_vl", {}, "massv-onegraph", spec) == {}
+    assert job_env("qwen2_5_vl", "massv-onegraph-async", spec) == one
+    assert job_env("qwen2_5_vl", "massv-graphs-async", spec) == one | {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+    assert job_engine_kw("qwen2_5_vl", {}, "massv-graphs-async", spec) == {"async_scheduling": True}
+    assert not {"massv-onegraph", "massv-onegraph-async", "massv-graphs-async"} & (
+        set(JOB_SPEC) | set(DRAFT_FORWARDS)
+    )

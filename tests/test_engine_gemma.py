@@ -19,6 +19,7 @@ from tests.engine_checks import (
     chat,
     counted_greedy,
     engine_suite,
+    fast_loop_calls,
     mirror_engine,
     probed_engine,
     projector_inputs,
@@ -42,11 +43,19 @@ def llm(tiny_gemma, aware):
 
 @pytest.fixture(scope="module")
 def mirror_llm(tiny_gemma, tmp_path_factory):
-    yield from mirror_engine(tiny_gemma, tmp_path_factory.mktemp("mirror") / "drafter")
+    # This engine runs draft steps 2..γ with the one-graph step update (off by default; one graph
+    # on GPUs, eager here); the Qwen2.5-VL tests keep vLLM's step kernel.
+    env = {"MASSV_FAST_DRAFT_ONE_GRAPH": "1"}
+    yield from mirror_engine(tiny_gemma, tmp_path_factory.mktemp("mirror") / "drafter", env=env)
 
 
 def test_accepted_drafts_are_lossless(mirror_llm, gemma_reference):
+    """The accepted-prefix path at T=0; with the mirror drafter's MAL floor this also checks that
+    the one-graph step update advances positions, KV slots and lengths as vLLM's kernel does."""
+    calls, one = fast_loop_calls(mirror_llm), fast_loop_calls(mirror_llm, "one_graph")
     assert_mirror_accepts(mirror_llm, gemma_reference)
+    assert fast_loop_calls(mirror_llm, "one_graph") > one
+    assert fast_loop_calls(mirror_llm, "one_graph") - one == fast_loop_calls(mirror_llm) - calls
 
 
 def test_low_acceptance_drafter_is_lossless(llm, gemma_reference):

@@ -227,6 +227,58 @@ def test_mask_is_remapped_to_the_draft_layout():
         to_draft_layout(mask[:7], qsl, 1)
 
 
+def test_one_graph_step_update_matches_vllms_kernel():
+    """MASSV_FAST_DRAFT_ONE_GRAPH's device-side step update against vLLM's own step kernel (its
+    CPU implementation): positions, slots and sequence lengths of the real requests, including one
+    that runs past max_model_len; padded requests (>= the batch size on the device) only get the
+    padding slot, as the GPU kernel's contract says, and keep their lengths and positions."""
+    from vllm.platforms import current_platform
+    from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+
+    current_platform.import_kernels()  # vLLM's C++ ops (the CPU build's kernels)
+    if not hasattr(torch.ops._C, "eagle_step_slot_mapping_metadata_kernel_impl"):
+        pytest.skip("vLLM's CPU build has the C++ step kernel; the GPU tests cover the GPU's")
+
+    from massv_vllm.patches._draft_loop import DraftDecodeLoop
+
+    b, n, block_size, max_model_len = 3, 4, 4, 30
+    positions = torch.tensor([5, 16, 29, 7])  # the third one exceeds max_model_len after +1
+    table = torch.randint(1, 100, (n, 8), dtype=torch.int32)
+    seq_lens = torch.tensor([6, 17, 30, 0], dtype=torch.int32)
+
+    ref_pos, ref_seq = torch.zeros(b, dtype=torch.int64), seq_lens[:b].clone()
+    ref_slot = torch.full((b,), -7, dtype=torch.int64)
+    torch.ops._C.eagle_step_slot_mapping_metadata_kernel_impl(
+        positions[:b].clone(),
+        table[:b],
+        ref_seq,
+        ref_pos,
+        ref_slot,
+        block_size,
+        max_model_len,
+        PADDING_SLOT_ID,
+    )
+
+    loop = DraftDecodeLoop.__new__(DraftDecodeLoop)
+    loop.p = types.SimpleNamespace(
+        positions=positions.clone(),
+        max_model_len=max_model_len,
+        block_size=block_size,
+        _slot_mapping_buffer=torch.full((n,), -7, dtype=torch.int64),
+    )
+    loop.seq_lens = seq_lens.clone()
+    loop.num_valid = torch.tensor([b], dtype=torch.int32)
+    loop.req_index = torch.arange(n, dtype=torch.int32)
+    loop._step_update(n, table)
+
+    assert ref_pos.tolist() == [6, 17, 0] and ref_slot[2] == PADDING_SLOT_ID  # the case is covered
+    assert loop.p.positions[:b].tolist() == ref_pos.tolist()
+    assert loop.p._slot_mapping_buffer[:b].tolist() == ref_slot.tolist()
+    assert loop.seq_lens[:b].tolist() == ref_seq.tolist()
+    assert loop.p._slot_mapping_buffer[b:].tolist() == [PADDING_SLOT_ID]
+    assert loop.seq_lens[b:].tolist() == [0] and loop.p.positions[b:].tolist() == [7]
+
+
 def _target(tiny, max_model_len: int = 2048, config_from=None):
     """What ``resolve_massv`` reads of vLLM's target ModelConfig."""
     from transformers import AutoConfig

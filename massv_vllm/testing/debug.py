@@ -96,10 +96,13 @@ class DrafterProbe:
         return True
 
     def massv_fast_loop_calls(self) -> dict[str, int] | None:
-        """Proposals made by MASSV's own draft loop (patches/_draft_loop.py): ``all``, and
-        ``first_pass`` (those whose first pass ran there too); None: not set up."""
+        """Proposals made by MASSV's own draft loop (patches/_draft_loop.py): ``all``,
+        ``first_pass`` (those whose first pass ran there too) and ``one_graph`` (those whose steps
+        2..γ took the one-graph step update); None: not set up."""
         loop = getattr(getattr(self.model_runner, "drafter", None), "_massv_loop", None)
-        return None if loop is None else {"all": loop.calls, "first_pass": loop.first_pass_calls}
+        if loop is None:
+            return None
+        return {"all": loop.calls, "first_pass": loop.first_pass_calls, "one_graph": loop.one_graph_calls}
 
     def massv_probe_records(self) -> dict[str, Any]:
         return getattr(self.model_runner, "_massv_probe", None) or {}

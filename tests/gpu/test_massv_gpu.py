@@ -182,9 +182,11 @@ def _lossless_run(
     spec: dict | None = None,
     async_scheduling: bool = False,
     env: dict[str, str] | None = None,
+    count: str = "first_pass",
 ) -> tuple[SpecCounters, int]:
     """A float32 MASSV engine (patch switches ``env``) over the suite: T=0 equals the reference;
-    returns the counter delta and how many first draft passes MASSV's loop ran."""
+    returns the counter delta and how many of MASSV's loop's proposals were of kind ``count``
+    (``first_pass``: first pass in the loop; ``one_graph``: steps 2..γ as one graph)."""
     from massv_vllm.engine import engine_env
 
     ref = reference(tiny, "float32")
@@ -199,7 +201,7 @@ def _lossless_run(
             **KW,
         )
     try:
-        first_passes = fast_loop_calls(llm, "first_pass")
+        counted = fast_loop_calls(llm, count)
         if async_scheduling:  # the engine kept it (vLLM allows it for draft models when asked)
             assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling
         before = SpecCounters.from_llm(llm)
@@ -210,7 +212,7 @@ def _lossless_run(
             f"{[round(a, 3) for a in delta.acceptance_per_position]}"
         )
         check_lossless(tiny, "float32", ref, outs)
-        return delta, fast_loop_calls(llm, "first_pass") - first_passes
+        return delta, fast_loop_calls(llm, count) - counted
     finally:
         shutdown(llm)
 
@@ -259,3 +261,15 @@ def test_full_graph_first_pass_is_lossless(tiny, mirror, parallel_mirror, drafti
         assert delta.acceptance_per_position[0] > 0.8, delta  # the bonus slot (mask row untrained)
     print(f"  first draft passes run by MASSV's loop: {first_passes}")
     assert first_passes > 0
+
+
+def test_one_graph_draft_steps_are_lossless(tiny, mirror):
+    """``MASSV_FAST_DRAFT_ONE_GRAPH=1``: draft steps 2..γ replay one CUDA graph per proposal, on one
+    set of attention metadata, with the batch size read on the device. Float32, T=0 equals no
+    speculation with accepted drafts at every position, and the proposals went that way."""
+    env = {"MASSV_FAST_DRAFT_ONE_GRAPH": "1"}
+    delta, proposals = _lossless_run(tiny, mirror, "one-graph draft steps", env=env, count="one_graph")
+    print(f"  proposals whose steps 2..γ ran as one graph: {proposals}")
+    assert delta.mean_accepted_length > 3.0, delta
+    assert min(delta.acceptance_per_position) > 0.5, delta  # later positions: the steps themselves
+    assert proposals > 0

@@ -418,53 +418,36 @@ class DraftDecodeLoop:
             self.query_start_loc[: n + 1] = p.arange[: n + 1]
             table = block_table
         p.input_ids[:b] = first_tokens
-        if self.one_graph and num_speculative_tokens == self.gamma:
-            return self._draft_in_one(first_tokens, positions, n, table, max_seq_len)
+        # MASSV_FAST_DRAFT_ONE_GRAPH: the device-side step update; on CUDA all steps in one replay
+        # on one set of attention metadata. Eagerly (CPU) the steps stay separate, since attention
+        # builders there may plan from the lengths (vLLM's CPU builder does).
+        one = self.one_graph and num_speculative_tokens == self.gamma
+        if one:
+            self.one_graph_calls += 1
+            self.num_valid.fill_(b)
+            p.positions[:b] = positions  # the step update advances them in place
+            if self.steps_graph is not None and self.captured:
+                with self._context(self._attn_metadata(n, b, max_seq_len, table), n, n, full=True):
+                    steps = self.steps_graph(n)
+                return torch.cat([first_tokens.unsqueeze(1), steps[:b]], dim=1)
         out = [first_tokens]
         pos = positions
         for _ in range(num_speculative_tokens - 1):
-            eagle_step_update_slot_mapping_and_metadata(
-                positions_1d=pos,
-                block_table_tensor=table[:b],
-                seq_lens=self.seq_lens[:b],
-                block_size=p.block_size,
-                max_model_len=p.max_model_len,
-                out_clamped_positions=p.positions[:b],
-                out_slot_mapping=p._slot_mapping_buffer[:n],
-                input_batch_size=n,
-            )
-            pos = p.positions[:b]
+            if one:
+                self._step_update(n, table)
+            else:
+                eagle_step_update_slot_mapping_and_metadata(
+                    positions_1d=pos,
+                    block_table_tensor=table[:b],
+                    seq_lens=self.seq_lens[:b],
+                    block_size=p.block_size,
+                    max_model_len=p.max_model_len,
+                    out_clamped_positions=p.positions[:b],
+                    out_slot_mapping=p._slot_mapping_buffer[:n],
+                    input_batch_size=n,
+                )
+                pos = p.positions[:b]
             max_seq_len = min(max_seq_len + 1, p.max_model_len)
             tokens = self._run(n, self._attn_metadata(n, b, max_seq_len, table))
             out.append(tokens[:b].clone())  # the buffer is overwritten by the next step
         return torch.stack(out, dim=1)
-
-    def _draft_in_one(
-        self,
-        first_tokens: torch.Tensor,
-        positions: torch.Tensor,
-        n: int,
-        table: torch.Tensor,
-        max_seq_len: int,
-    ) -> torch.Tensor:
-        """Steps 2..γ with the device-side step update (``MASSV_FAST_DRAFT_ONE_GRAPH``): one graph
-        replay on CUDA, built on one set of attention metadata; eagerly elsewhere, where attention
-        builders may derive host-side data from the sequence lengths, so the metadata are rebuilt
-        per step there (vLLM's CPU builder plans its work from them)."""
-        p = self.p
-        b = first_tokens.shape[0]
-        self.one_graph_calls += 1
-        self.num_valid.fill_(b)
-        p.positions[:b] = positions  # the step update advances them in place
-        if self.steps_graph is not None and self.captured:
-            per_layer = self._attn_metadata(n, b, max_seq_len, table)
-            with self._context(per_layer, n, n, full=True):
-                steps = self.steps_graph(n)
-        else:
-            for k in range(self.gamma - 1):
-                self._step_update(n, table)
-                max_seq_len = min(max_seq_len + 1, p.max_model_len)
-                with self._context(self._attn_metadata(n, b, max_seq_len, table), n, n, full=False):
-                    self.step_tokens[:n, k] = self._forward(n)
-            steps = self.step_tokens[:n]
-        return torch.cat([first_tokens.unsqueeze(1), steps[:b]], dim=1)

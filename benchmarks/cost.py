@@ -14,15 +14,19 @@ starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
 * ``massv``:   target + the MASSV drafter (same small LM + projector) through ``"massv"`` (per γ);
 * ``massv-stockloop``: the same with vLLM's own draft loop (``MASSV_FAST_DRAFT=0``), the "before";
 * ``massv-async``: ``massv`` with ``async_scheduling=True``;
-* ``massv-fullgraph`` (``-async``): ``massv`` (``-async``) with the first draft pass of decode steps
-  as a full graph too (``MASSV_FAST_DRAFT_FIRST_PASS=1``);
+* ``massv-stepgraphs`` (``-async``): ``massv`` (``-async``) with the first draft pass of decode steps
+  left to vLLM (``MASSV_FAST_DRAFT_FIRST_PASS=0``; the default until 2026-11-30's seventh session);
 * ``massv-onegraph`` (``-async``): ``massv`` (``-async``) with draft steps 2..γ as one graph per
-  proposal (``MASSV_FAST_DRAFT_ONE_GRAPH=1``); ``massv-graphs-async``: both switches, async;
+  proposal (``MASSV_FAST_DRAFT_ONE_GRAPH=1``);
 * ``massv-parallel``: ``massv`` with ``"parallel_drafting": true`` (one drafter forward proposes all
   γ tokens; the drafter folder names a mask token, ``pard_token``). Its ceiling counts one drafter
   forward, approximated by the drafter's own decode step time; ``massv-parallel-async`` the same with
-  ``async_scheduling=True``; ``massv-parallel-fullgraph`` (``-async``) with that one draft pass
-  as a full graph (``MASSV_FAST_DRAFT_FIRST_PASS=1``).
+  ``async_scheduling=True``; ``massv-parallel-vllmpass`` (``-async``) with that one draft pass left
+  to vLLM (``MASSV_FAST_DRAFT_FIRST_PASS=0``).
+
+Patch switches set by the caller (``MASSV_FAST_DRAFT_FIRST_PASS=0`` ...) reach every engine: they
+are part of the run's key, and each engine's switches (the caller's and its job's) are written
+beside its results (``engines.<job>.env`` in ``cost.json``).
 
 ``--profile N`` also profiles N decode steps of every speculative engine at each batch size (torch
 profiler in the worker, ``benchmarks.cost_ext.CostProbe``) and reports host and GPU milliseconds
@@ -54,6 +58,7 @@ from __future__ import annotations
 import faulthandler
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -80,55 +85,38 @@ from benchmarks.report import (
 from massv_vllm.metrics import SpecCounters, speedup, speedup_ceiling
 
 RESULTS_VERSION = 1
-JOBS = (
-    "target",
-    "drafter",
-    "stock",
-    "massv",
-    "massv-stockloop",
-    "massv-async",
-    "massv-fullgraph",
-    "massv-fullgraph-async",
-    "massv-onegraph",
-    "massv-onegraph-async",
-    "massv-graphs-async",
-    "massv-parallel",
-    "massv-parallel-async",
-    "massv-parallel-fullgraph",
-    "massv-parallel-fullgraph-async",
-)
 # The MASSV engines, "before" (vLLM's own draft loop) first: its result is saved even if a later
 # engine fails.
 MASSV_MODES = (
     "massv-stockloop",
     "massv",
     "massv-async",
-    "massv-fullgraph",
-    "massv-fullgraph-async",
+    "massv-stepgraphs",
+    "massv-stepgraphs-async",
     "massv-onegraph",
     "massv-onegraph-async",
-    "massv-graphs-async",
     "massv-parallel",
     "massv-parallel-async",
-    "massv-parallel-fullgraph",
-    "massv-parallel-fullgraph-async",
+    "massv-parallel-vllmpass",
+    "massv-parallel-vllmpass-async",
 )
+JOBS = ("target", "drafter", "stock", *MASSV_MODES)
 PARALLEL_MODES = tuple(m for m in MASSV_MODES if m.startswith("massv-parallel"))
 # Drafter forwards per spec step: γ sequential ones, or one for parallel drafting.
 DRAFT_FORWARDS = {m: (lambda gamma: 1) for m in PARALLEL_MODES}
 # Engine-process environment per job: "massv-stockloop" is MASSV on vLLM's own draft loop (the
-# starting point of the fast-drafting work), "massv" the full-graph loop (patches/_draft_loop.py).
-FIRST_PASS = {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+# starting point of the fast-drafting work), "massv" the full-graph loop (patches/_draft_loop.py)
+# with its defaults; the others turn one of its switches.
+VLLM_PASS = {"MASSV_FAST_DRAFT_FIRST_PASS": "0"}
 ONE_GRAPH = {"MASSV_FAST_DRAFT_ONE_GRAPH": "1"}
 JOB_ENV = {
     "massv-stockloop": {"MASSV_FAST_DRAFT": "0"},
-    "massv-fullgraph": FIRST_PASS,
-    "massv-fullgraph-async": FIRST_PASS,
+    "massv-stepgraphs": VLLM_PASS,
+    "massv-stepgraphs-async": VLLM_PASS,
     "massv-onegraph": ONE_GRAPH,
     "massv-onegraph-async": ONE_GRAPH,
-    "massv-graphs-async": FIRST_PASS | ONE_GRAPH,
-    "massv-parallel-fullgraph": FIRST_PASS,
-    "massv-parallel-fullgraph-async": FIRST_PASS,
+    "massv-parallel-vllmpass": VLLM_PASS,
+    "massv-parallel-vllmpass-async": VLLM_PASS,
 }
 # Engine arguments per job on top of the shared ones: "massv-async" overlaps the host's scheduling
 # and input preparation with the GPU (vLLM allows async scheduling for draft models when asked).
@@ -758,6 +746,14 @@ def job_engine_kw(family: str, kw: dict[str, Any], mode: str, spec: dict[str, An
     return out
 
 
+def massv_env() -> dict[str, str]:
+    """The patch switches set in this process (``massv_vllm.patches.envs``): every engine it starts
+    inherits them."""
+    from massv_vllm.patches.envs import SWITCHES
+
+    return {k: os.environ[k] for k in sorted(SWITCHES) if k in os.environ}
+
+
 def job_env(family: str, mode: str, spec: dict[str, Any] | None) -> dict[str, str] | None:
     """Environment of one job's engine: the job's own (``JOB_ENV``), and for a Gemma3 engine
     without a drafter vLLM's V1 model runner, which every speculative engine runs on anyway
@@ -829,6 +825,9 @@ def run_cost(
     }
     if cpus:  # only when pinned, so unpinned runs keep their results' key
         settings["cpus"] = sorted(cpus)
+    caller_env = massv_env()
+    if caller_env:  # switches set by the caller reach every engine: not reusable under others
+        settings["massv_env"] = caller_env
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     prompts = _prompts(shapes.target, max(batch_sizes), prompt_len, image_size)
     plan: list[tuple[str, Path, dict[str, Any] | None]] = []  # (job-gγ, model, speculative config)
@@ -871,7 +870,8 @@ def run_cost(
                 profile_steps=profile_steps,
                 trace_dir=trace_dir,
             )
-        write_json(path, {"key": key, "name": name, **res})  # checkpoint per engine
+        env = caller_env | (job_env(shapes.family, mode, spec) or {})
+        write_json(path, {"key": key, "name": name, "env": env, **res})  # checkpoint per engine
     results = {}
     for path in sorted((out / "jobs").glob("*.json")):
         res = json.loads(path.read_text())
@@ -888,7 +888,12 @@ def run_cost(
             "drafter": str(shapes.drafter),
         },
         "engines": {
-            k: {"startup_s": v["startup_s"], "zeroed": v["zeroed"], "cpus": v.get("engine_cpus")}
+            k: {
+                "startup_s": v["startup_s"],
+                "zeroed": v["zeroed"],
+                "cpus": v.get("engine_cpus"),
+                "env": v.get("env", {}),
+            }
             for k, v in results.items()
         },
         **summarise(results, batch_sizes, found_gammas, list(mals)),
@@ -984,7 +989,9 @@ SCHEMA = {
     "meta": META_SCHEMA,
     "preset": str,
     "folders": {"target": str, "small_lm": str, "drafter": str},
-    "engines": MapOf({"startup_s": NUM, "zeroed": MapOf(ListOf(str)), "cpus": Opt(ListOf(int))}),
+    "engines": MapOf(
+        {"startup_s": NUM, "zeroed": MapOf(ListOf(str)), "cpus": Opt(ListOf(int)), "env": MapOf(str)}
+    ),
     "step_ms": MapOf(MapOf(Opt(NUM))),
     "cost_ratio": MapOf(Opt(NUM)),
     "ceiling": ListOf({"batch_size": int, "gamma": int, "mal": NUM, "speedup": Opt(NUM)}),
@@ -1043,6 +1050,8 @@ def format_report(doc: dict[str, Any]) -> str:
     settings = doc.get("meta", {}).get("settings", {})
     mals = [float(m) for m in settings.get("mals", [])]
     out = [f"run and engines pinned to CPUs {settings['cpus']}"] if settings.get("cpus") else []
+    if settings.get("massv_env"):
+        out.append("set for every engine: " + " ".join(f"{k}={v}" for k, v in settings["massv_env"].items()))
     rows = [[k, *[fmt(v.get(str(b)), 3) for b in bs]] for k, v in doc["step_ms"].items()]
     rows.append(["c = drafter/target", *[fmt(doc["cost_ratio"][str(b)], 3) for b in bs]])
     out.append(

@@ -26,9 +26,10 @@ vLLM's Model Runner V2 runs EAGLE draft steps. What a full graph needs, and how 
 
 Positions, KV slots and sequence lengths advance with vLLM's own kernel
 (``eagle_step_update_slot_mapping_and_metadata``), exactly as in the stock loop. The first draft
-step (the target's verified tokens plus the bonus token) is vLLM's own code; with
-``MASSV_FAST_DRAFT_FIRST_PASS=1`` its forward also runs as a full graph when the batch is
-decode-shaped (γ+1 verified tokens per request, no image in the window): vLLM's
+step (the target's verified tokens plus the bonus token) is laid out by vLLM's own code; its
+forward runs as a full graph too (``MASSV_FAST_DRAFT_FIRST_PASS``, on by default: faster on an
+H200 with and without async scheduling, both drafting modes) when the batch is decode-shaped (γ+1
+verified tokens per request, no image in the window); otherwise vLLM runs it. vLLM's
 ``set_inputs_first_pass`` still lays out inputs, positions and KV slots (γ+1 + e slots per
 request: e = 1 bonus slot, or with parallel drafting the bonus slot and γ-1 mask slots, e = γ), the
 graph runs the drafter over n·(γ+1+e) slots and samples at the e new slots of each request. With
@@ -91,7 +92,7 @@ class DraftDecodeLoop:
         self.calls = 0  # proposals made (tests check that this loop, not vLLM's, drafted)
         self.first_pass_calls = 0  # of which the first pass ran here too
         # The first draft pass of a decode step (γ+1 verified tokens + 1 bonus slot per request)
-        # as one full graph as well (MASSV_FAST_DRAFT_FIRST_PASS, off by default until measured).
+        # as one full graph as well (MASSV_FAST_DRAFT_FIRST_PASS; 0 leaves that pass to vLLM).
         from massv_vllm.patches.envs import switch
 
         self.first_pass_graphs = switch("MASSV_FAST_DRAFT_FIRST_PASS").enabled()

@@ -11,7 +11,7 @@ the scope of the bad-request and CPU-sampler fixes to every engine of the enviro
 | ``MASSV_PATCH_DRAFT_POSITIONS`` | 1-D draft positions for M-RoPE targets | any draft model of an M-RoPE target |
 | ``MASSV_PATCH_DRAFT_IMAGES`` | image embeddings reach the drafter (window, layout, log line) | MASSV |
 | ``MASSV_FAST_DRAFT`` | draft decode steps as full CUDA graphs (eager loop on CPU) | MASSV |
-| ``MASSV_FAST_DRAFT_FIRST_PASS`` | also the first draft pass of decode steps, the only one with parallel drafting (default ``0``) | MASSV |
+| ``MASSV_FAST_DRAFT_FIRST_PASS`` | also the first draft pass of decode steps, the only one with parallel drafting | MASSV |
 | ``MASSV_FAST_DRAFT_ONE_GRAPH`` | draft steps 2..γ as one graph, not one per step (default ``0``) | MASSV |
 | ``MASSV_PATCH_COMPILE_CACHE_KEY`` | the drafter is part of the torch.compile cache key | MASSV |
 | ``MASSV_PATCH_CPU_REJECTION_SAMPLER`` | CPU rejection sampler keeps dtypes | MASSV (``always``: all) |
@@ -73,9 +73,7 @@ SWITCHES: dict[str, Switch] = {
         Switch("MASSV_FAST_DRAFT", "MASSV draft decode steps replayed as full CUDA graphs"),
         Switch(
             "MASSV_FAST_DRAFT_FIRST_PASS",
-            "the first draft pass of decode steps (parallel drafting's only one) as a full CUDA graph too "
-            "(off until measured)",
-            default="0",
+            "the first draft pass of decode steps (parallel drafting's only one) as a full CUDA graph too",
         ),
         Switch(
             "MASSV_FAST_DRAFT_ONE_GRAPH",

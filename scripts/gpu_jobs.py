@@ -98,25 +98,25 @@ JOBS: dict[str, Job] = {
     "fullgraph": Job(
         _cost(
             QWEN15,
-            "target drafter massv massv-async massv-fullgraph massv-fullgraph-async",
+            "target drafter massv-stepgraphs massv-stepgraphs-async massv massv-async",
             "5",
             "--repeats",
             "15",
         ),
         450,
-        "the first draft pass as a full CUDA graph, beside the default loop (issue 12)",
+        "the first draft pass as a full CUDA graph (the default since 2026-11-30's seventh session), "
+        "beside vLLM's first pass, ± async (issue 12)",
     ),
     "onegraph": Job(
         _cost(
             QWEN15,
-            "target drafter massv massv-async massv-onegraph massv-onegraph-async massv-graphs-async",
+            "target drafter massv massv-async massv-onegraph massv-onegraph-async",
             "5",
             "--repeats",
             "15",
         ),
         540,
-        "draft steps 2..γ as one CUDA graph per proposal, beside one graph per step, ± async, and with "
-        "the full-graph first pass too (issue 12)",
+        "draft steps 2..γ as one CUDA graph per proposal, beside one graph per step, ± async (issue 12)",
     ),
     "noise": Job(
         _noise(),
@@ -148,14 +148,15 @@ JOBS: dict[str, Job] = {
     "parallel-fullgraph": Job(
         _cost(
             QWEN15,
-            "target drafter massv-parallel massv-parallel-async massv-parallel-fullgraph "
-            "massv-parallel-fullgraph-async",
+            "target drafter massv-parallel-vllmpass massv-parallel-vllmpass-async massv-parallel "
+            "massv-parallel-async",
             "5",
             "--repeats",
             "15",
         ),
         450,
-        "parallel drafting's one draft pass as a full CUDA graph, beside vLLM's pass (issue 13)",
+        "parallel drafting's one draft pass as a full CUDA graph (the default), beside vLLM's pass, ± "
+        "async (issue 13)",
     ),
     "gemma": Job(
         _cost("gemma3-12b/gemma3-1b", "target drafter stock massv massv-async", "5"),

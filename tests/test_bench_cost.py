@@ -286,7 +286,11 @@ def test_cpus_flag_errors_before_any_engine(tmp_path, monkeypatch, capsys):
 def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     """On vLLM (CPU): zeroed norms make every draft token accepted, MAL = γ + 1 exactly."""
     from benchmarks import cost
+    from massv_vllm.patches.envs import SWITCHES
 
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASSV_FAST_DRAFT_FIRST_PASS", "1")  # its default: same engine, recorded
     cpu = max(os.sched_getaffinity(0))
     argv = ["--tiny", "--jobs", "massv", "--profile", "2", "--cpus", str(cpu), "--out", str(tmp_path)]
     doc = cost.main(argv)
@@ -294,6 +298,9 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cost.json").read_text()) == doc
     eng = doc["engines"]["massv-g2"]
     assert eng["zeroed"]["target"] and eng["zeroed"]["drafter"]
+    # a switch set by the caller is written beside the engine's results and in the report
+    assert eng["env"] == {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+    assert "set for every engine: MASSV_FAST_DRAFT_FIRST_PASS=1" in format_report(doc)
     # --cpus: the engine's own process ran on that CPU alone, and the run says so
     assert eng["cpus"] == [cpu] and doc["meta"]["settings"]["cpus"] == [cpu]
     assert f"pinned to CPUs [{cpu}]" in format_report(doc)
@@ -329,6 +336,18 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("finished job rerun"))
     again = cost.main(argv)
     assert again["e2e"] == doc["e2e"]
+    # ... but not under another switch setting: that engine would differ
+
+    class Rerun(Exception):
+        pass
+
+    def rerun(*a, **k):
+        raise Rerun
+
+    monkeypatch.setattr(cost, "run_job", rerun)
+    monkeypatch.setenv("MASSV_FAST_DRAFT_FIRST_PASS", "0")
+    with pytest.raises(Rerun):
+        cost.main(argv)
 
 
 @pytest.mark.parametrize("gammas", [[5], [3, 5], [3, 5, 7]])
@@ -393,33 +412,35 @@ def test_the_watchdog_is_armed_in_the_engine_process_while_it_starts():
         assert r.returncode == 0 and ("stalled_at_start" in r.stderr) is expect, r.stderr
 
 
-def test_parallel_full_graph_jobs_combine_their_settings():
-    """Each parallel mode asks for parallel drafting; -fullgraph adds the first-pass switch, -async
-    async scheduling; their ceiling counts one drafter forward."""
+def test_parallel_jobs_combine_their_settings():
+    """Each parallel mode asks for parallel drafting; -vllmpass leaves its one draft pass to vLLM
+    (the first-pass switch off), -async adds async scheduling; their ceiling counts one drafter
+    forward."""
     from benchmarks.cost import DRAFT_FORWARDS, JOB_SPEC, job_engine_kw, job_env
 
     spec = {"method": "massv", "model": "d", "num_speculative_tokens": 5}
-    mode = "massv-parallel-fullgraph-async"
+    mode = "massv-parallel-vllmpass-async"
     assert JOB_SPEC[mode] == {"parallel_drafting": True} and DRAFT_FORWARDS[mode](5) == 1
-    assert job_env("qwen2_5_vl", mode, spec) == {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+    assert job_env("qwen2_5_vl", mode, spec) == {"MASSV_FAST_DRAFT_FIRST_PASS": "0"}
     assert job_engine_kw("qwen2_5_vl", {}, mode, spec) == {"async_scheduling": True}
-    assert job_env("qwen2_5_vl", "massv-parallel-fullgraph", spec) == {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
-    assert job_engine_kw("qwen2_5_vl", {}, "massv-parallel-fullgraph", spec) == {}
+    assert job_env("qwen2_5_vl", "massv-parallel-vllmpass", spec) == {"MASSV_FAST_DRAFT_FIRST_PASS": "0"}
+    assert job_engine_kw("qwen2_5_vl", {}, "massv-parallel-vllmpass", spec) == {}
     assert job_env("qwen2_5_vl", "massv-parallel", spec) is None and "massv" not in JOB_SPEC
 
 
-def test_one_graph_jobs_combine_their_settings():
-    """-onegraph turns on the one-graph draft steps, massv-graphs-async that and the full-graph
-    first pass with async scheduling; all of them draft sequentially (γ forwards a step)."""
+def test_sequential_switch_jobs_combine_their_settings():
+    """-stepgraphs turns the full-graph first pass off, -onegraph turns the one-graph draft steps
+    on; -async adds async scheduling; all of them draft sequentially (γ forwards a step)."""
     from benchmarks.cost import DRAFT_FORWARDS, JOB_SPEC, job_engine_kw, job_env
 
     spec = {"method": "massv", "model": "d", "num_speculative_tokens": 5}
-    one = {"MASSV_FAST_DRAFT_ONE_GRAPH": "1"}
+    one, off = {"MASSV_FAST_DRAFT_ONE_GRAPH": "1"}, {"MASSV_FAST_DRAFT_FIRST_PASS": "0"}
     assert job_env("qwen2_5_vl", "massv-onegraph", spec) == one
     assert job_engine_kw("qwen2_5_vl", {}, "massv-onegraph", spec) == {}
     assert job_env("qwen2_5_vl", "massv-onegraph-async", spec) == one
-    assert job_env("qwen2_5_vl", "massv-graphs-async", spec) == one | {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
-    assert job_engine_kw("qwen2_5_vl", {}, "massv-graphs-async", spec) == {"async_scheduling": True}
-    assert not {"massv-onegraph", "massv-onegraph-async", "massv-graphs-async"} & (
-        set(JOB_SPEC) | set(DRAFT_FORWARDS)
-    )
+    assert job_env("qwen2_5_vl", "massv-stepgraphs", spec) == off
+    assert job_env("qwen2_5_vl", "massv-stepgraphs-async", spec) == off
+    assert job_engine_kw("qwen2_5_vl", {}, "massv-stepgraphs-async", spec) == {"async_scheduling": True}
+    assert job_env("qwen2_5_vl", "massv", spec) is None
+    modes = {"massv-onegraph", "massv-onegraph-async", "massv-stepgraphs", "massv-stepgraphs-async"}
+    assert not modes & (set(JOB_SPEC) | set(DRAFT_FORWARDS))

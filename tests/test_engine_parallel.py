@@ -55,6 +55,8 @@ def test_parallel_drafting_is_lossless_with_accepted_drafts(llm, qwen_reference)
     # The first draft of each step comes from the bonus slot, which the mirror gets right.
     assert delta.num_drafts > 0 and delta.acceptance_per_position[0] > 0.8, delta
     assert delta.mean_accepted_length > 1.8
+    # by default MASSV's loop runs decode steps' draft pass (a full CUDA graph on GPUs, eager here)
+    assert fast_loop_calls(llm, "first_pass") > 0
 
 
 def test_image_rows_land_on_image_slots_in_the_parallel_layout(llm, tiny_qwen):
@@ -94,29 +96,30 @@ def test_served_parallel_drafts_equal_the_training_side_layout(llm, tiny_qwen, p
 
 
 @pytest.fixture(scope="module")
-def graph_llm(tiny_qwen, parallel_drafter):
-    """The same engine with decode steps' single draft pass run by MASSV's loop (a full CUDA graph
-    on GPUs, eager here): ``MASSV_FAST_DRAFT_FIRST_PASS``. Used by the module's last test only:
-    with two engines in one process, vLLM's metrics no longer tell them apart."""
-    env = {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
+def vllm_pass_llm(tiny_qwen, parallel_drafter):
+    """The same engine with decode steps' single draft pass left to vLLM's own code
+    (``MASSV_FAST_DRAFT_FIRST_PASS=0``). Used by the module's last test only: with two engines in
+    one process, vLLM's metrics no longer tell them apart."""
+    env = {"MASSV_FAST_DRAFT_FIRST_PASS": "0"}
     yield from probed_engine(tiny_qwen, parallel_drafter, env=env, parallel_drafting=True)
 
 
-def test_parallel_pass_in_massvs_loop_is_lossless_and_drafts_what_vllm_does(llm, graph_llm, qwen_reference):
+def test_massvs_parallel_pass_drafts_what_vllms_pass_does(llm, vllm_pass_llm, qwen_reference):
     suite = engine_suite()
-    assert_lossless(qwen_reference, greedy(graph_llm, suite, MAX_TOKENS))
+    assert_lossless(qwen_reference, greedy(vllm_pass_llm, suite, MAX_TOKENS))
     # Accepted drafts, as in the first test. The newest engine owns vLLM's metrics registry (a
-    # new engine's stat logger unregisters the older one's), so these counters are graph_llm's.
-    delta = counted_greedy(graph_llm, [r for r in suite if r.num_images == 0])[1]
+    # new engine's stat logger unregisters the older one's), so these counters are vllm_pass_llm's.
+    delta = counted_greedy(vllm_pass_llm, [r for r in suite if r.num_images == 0])[1]
     assert delta.num_drafts > 0 and delta.acceptance_per_position[0] > 0.8, delta
     assert delta.mean_accepted_length > 1.8
-    # Step by step, the proposals equal those of vLLM's own pass (whose acceptance the first
-    # test shows), on a text-only and an image request.
+    assert fast_loop_calls(vllm_pass_llm) == 0  # switched off: vLLM drafted every step (loop idle)
+    # Step by step, MASSV's pass proposes what vLLM's own pass does, on a text-only and an image
+    # request.
     for messages in (chat([], "Count from one to twenty."), chat([941], "Describe the picture.")):
-        before = fast_loop_calls(graph_llm, "first_pass")
-        out, ours = run_probed(graph_llm, messages, max_tokens=12)
-        assert fast_loop_calls(graph_llm, "first_pass") > before  # MASSV's loop drafted
-        ref, theirs = run_probed(llm, messages, max_tokens=12)
+        before = fast_loop_calls(llm, "first_pass")
+        out, ours = run_probed(llm, messages, max_tokens=12)
+        assert fast_loop_calls(llm, "first_pass") > before  # MASSV's loop drafted
+        ref, theirs = run_probed(vllm_pass_llm, messages, max_tokens=12)
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         drafts = [list(d.values()) for d in ours["drafts"]]
         assert len(drafts) > 2 and drafts == [list(d.values()) for d in theirs["drafts"]]

@@ -47,16 +47,14 @@ def llm(tiny_qwen, aware):
 
 @pytest.fixture(scope="module")
 def mirror_llm(tiny_qwen, tmp_path_factory):
-    # This engine also runs decode steps' first draft pass in MASSV's loop (off by default).
-    env = {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
-    yield from mirror_engine(tiny_qwen, tmp_path_factory.mktemp("mirror") / "drafter", env=env)
+    yield from mirror_engine(tiny_qwen, tmp_path_factory.mktemp("mirror") / "drafter")
 
 
 def test_accepted_drafts_are_lossless(mirror_llm, qwen_reference):
     """The accepted-prefix path (accepted tokens, drafter KV reuse, bonus token) at T=0."""
     calls, first = fast_loop_calls(mirror_llm), fast_loop_calls(mirror_llm, "first_pass")
     assert_mirror_accepts(mirror_llm, qwen_reference)
-    # MASSV's own draft loop drafted (patches/_draft_loop.py), first passes included
+    # MASSV's own draft loop drafted (patches/_draft_loop.py), first passes included (the default)
     assert fast_loop_calls(mirror_llm) > calls
     assert fast_loop_calls(mirror_llm, "first_pass") > first
 

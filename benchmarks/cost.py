@@ -857,6 +857,7 @@ def run_cost(
         trace_dir = out / "traces" / name if profile_steps and trace else None
         if trace_dir:
             trace_dir.mkdir(parents=True, exist_ok=True)
+        env = job_env(shapes.family, mode, spec)
         with pinned(cpus):
             res = run_job(
                 model,
@@ -866,12 +867,13 @@ def run_cost(
                 steps,
                 repeats,
                 job_engine_kw(shapes.family, kw, mode, spec),
-                env=job_env(shapes.family, mode, spec),
+                env=env,
                 profile_steps=profile_steps,
                 trace_dir=trace_dir,
             )
-        env = caller_env | (job_env(shapes.family, mode, spec) or {})
-        write_json(path, {"key": key, "name": name, "env": env, **res})  # checkpoint per engine
+        write_json(
+            path, {"key": key, "name": name, "env": caller_env | (env or {}), **res}
+        )  # checkpoint per engine
     results = {}
     for path in sorted((out / "jobs").glob("*.json")):
         res = json.loads(path.read_text())

@@ -207,16 +207,13 @@ JOBS: dict[str, Job] = {
     ),
     "firstpass-gemma": _massv_gpu("first_pass and gemma3", 380, "the same for Gemma3"),
     # One test per family, two engines each (reference, MASSV).
-    "onegraph-lossless": _massv_gpu(
-        "one_graph",
-        380,
-        "draft steps 2..γ as one CUDA graph per proposal, both families: T=0 lossless with accepted "
+    "onegraph-qwen": _massv_gpu(
+        "one_graph and qwen2_5_vl",
+        230,
+        "draft steps 2..γ as one CUDA graph per proposal, Qwen2.5-VL: T=0 lossless with accepted "
         "drafts at every position (issue 12)",
     ),
-    "onegraph-qwen": _massv_gpu(
-        "one_graph and qwen2_5_vl", 230, "`onegraph-lossless` for Qwen2.5-VL only (a lane)"
-    ),
-    "onegraph-gemma": _massv_gpu("one_graph and gemma3", 230, "`onegraph-lossless` for Gemma3 only (a lane)"),
+    "onegraph-gemma": _massv_gpu("one_graph and gemma3", 230, "the same for Gemma3"),
     "bf16": _massv_gpu("bfloat16", 360, "bf16 divergences with the reference's top-2 logit gap (issue 15.2)"),
     # What the fourth session of 2026-11-30 left of `bf16` (beside `scale` on the other GPU it
     # passed 3 of its 4 tests in 569 s, then hit the call's limit) and of `scale` (the load test

@@ -755,13 +755,23 @@ def massv_env() -> dict[str, str]:
 
 
 def job_env(family: str, mode: str, spec: dict[str, Any] | None) -> dict[str, str] | None:
-    """Environment of one job's engine: the job's own (``JOB_ENV``), and for a Gemma3 engine
-    without a drafter vLLM's V1 model runner, which every speculative engine runs on anyway
-    (Model Runner V2 refuses ``draft_model``). The Gemma3-12B target on V2 never finished
-    starting on 2026-11-30 (twice: after its graph capture, in V2's kernel warm-up or later)."""
+    """Environment of one job's engine: the job's own (``JOB_ENV``), and for Gemma3 engines
+
+    - the ``spawn`` start method for the engine process: forked Gemma3-12B engines stalled in
+      start-up or died with "Cannot re-initialize CUDA in forked subprocess" on the H200
+      (2026-11-30, first pass of the eighth session), spawned ones started;
+    - without a drafter, vLLM's V1 model runner, which every speculative engine runs on anyway
+      (Model Runner V2 refuses ``draft_model``);
+    - for the stock ``draft_model`` engine, the KV-window fix (``MASSV_PATCH_KV_WINDOWS=always``;
+      MASSV engines get it by default): Gemma3-12B's window (1024) and Gemma3-1B's (512) made
+      vLLM 0.26 refuse to start any speculative engine of the pair."""
     env = dict(JOB_ENV.get(mode) or {})
-    if family == "gemma3" and spec is None:
-        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if family == "gemma3":
+        env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        if spec is None:
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        elif mode == "stock":
+            env["MASSV_PATCH_KV_WINDOWS"] = "always"
     return env or None
 
 

@@ -7,8 +7,9 @@ matter), logs what it replaced, and refuses to patch a method twice. ``apply_all
 the vLLM plugin calls it once per process.
 
 Each patch has a switch (an environment variable, ``patches/envs.py``) and a scope: MASSV
-engines only, except the M-RoPE position fix (any draft model of an M-RoPE target). Outside its
-scope a patched method calls vLLM's original at once.
+engines only, except the M-RoPE position fix (any draft model of an M-RoPE target); the
+request-handling and KV-window fixes widen to every engine with ``always``. Outside its scope a
+patched method calls vLLM's original at once.
 
 Each module names the vLLM module holding its class (``VLLM_MODULE``). A patch is applied at once
 if that module is already imported, otherwise right after its first import (a post-import hook),
@@ -21,6 +22,8 @@ so the API-server process never imports worker-only modules just to patch them.
 | draft_model_proposer     | DraftModelProposer (vllm/v1/spec_decode/draft_model.py)        |
 | gpu_model_runner         | GPUModelRunner (vllm/v1/worker/gpu_model_runner.py)            |
 | cpu_model_runner         | CPUModelRunner (vllm/v1/worker/cpu_model_runner.py), CPU only  |
+| kv_cache_utils           | function is_kv_cache_spec_uniform                              |
+|                          | (vllm/v1/core/kv_cache_utils.py)                               |
 | image_media_io           | ImageMediaIO (vllm/multimodal/media/image.py)                  |
 | media_connector          | MediaConnector (vllm/multimodal/media/connector.py)            |
 | media_fetch              | MediaConnector, HTTPConnection (.../media/connector.py,        |
@@ -51,6 +54,7 @@ PATCH_MODULES = (
     "draft_model_proposer",
     "gpu_model_runner",
     "cpu_model_runner",
+    "kv_cache_utils",
     "image_media_io",
     "media_connector",
     "media_fetch",

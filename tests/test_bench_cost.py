@@ -371,14 +371,18 @@ def test_capture_sizes_cover_every_measured_forward_after_vllms_rounding(gammas)
                 assert padded is not None and padded - n < g + 1, (g, b, n, captured)
 
 
-def test_gemma3_engines_without_a_drafter_run_on_the_v1_model_runner():
+def test_gemma3_engines_are_spawned_v1_without_a_drafter_and_stock_gets_the_kv_window_fix():
     from benchmarks.cost import job_env
 
     spec = {"method": "massv", "model": "d", "num_speculative_tokens": 5}
-    assert job_env("gemma3", "target", None) == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
-    assert job_env("gemma3", "drafter", None) == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
-    assert job_env("gemma3", "massv", spec) is None  # draft_model runs on V1 by itself
+    stock = {"method": "draft_model", "model": "d", "num_speculative_tokens": 5}
+    spawn = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    assert job_env("gemma3", "target", None) == {**spawn, "VLLM_USE_V2_MODEL_RUNNER": "0"}
+    assert job_env("gemma3", "drafter", None) == {**spawn, "VLLM_USE_V2_MODEL_RUNNER": "0"}
+    assert job_env("gemma3", "massv", spec) == spawn  # draft_model runs on V1 by itself
+    assert job_env("gemma3", "stock", stock) == {**spawn, "MASSV_PATCH_KV_WINDOWS": "always"}
     assert job_env("qwen2_5_vl", "target", None) is None
+    assert job_env("qwen2_5_vl", "stock", stock) is None
     assert job_env("qwen2_5_vl", "massv-stockloop", spec) == {"MASSV_FAST_DRAFT": "0"}
 
 

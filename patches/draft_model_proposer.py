@@ -16,6 +16,15 @@ Two bugs of the stock ``draft_model`` path are fixed here (see docs/vllm-integra
    ``query_start[r] + r`` (each request gains one bonus slot), so the mask is re-laid out on the
    CPU (no device sync) before the drafter's ``embed_input_ids`` sees it. MASSV drafters only.
 
+3. Drafter sliding windows (Gemma3). With the hybrid KV-cache manager off (needed for Gemma3
+   drafters) the drafter's layers share one KV-cache group of per-layer specs, and
+   ``initialize_attn_backend`` makes one attention-metadata group per *backend*, with the first
+   draft layer's spec. FlashAttention takes the window from that metadata, not from the layer
+   (vLLM 0.26; upstream fixed the backend in vllm-project/vllm#51756), so every drafter layer got
+   one layer's window: Gemma3-1B's full layers attended to 512 tokens, or its sliding layers to
+   all, once a sequence outgrew 512 tokens, unlike the drafter trained in transformers. The patch
+   splits the groups by layer spec, as vLLM's Gemma4 proposer does. MASSV drafters only.
+
 And for MASSV drafters, draft steps 2..γ run as full CUDA graphs (``MASSV_FAST_DRAFT``,
 patches/_draft_loop.py). Switches and scopes: patches/envs.py.
 """
@@ -49,8 +58,31 @@ def to_draft_layout(
     return out.pin_memory() if is_mm_embed.is_pinned() else out
 
 
+def split_by_layer_spec(groups: list, layer_specs: dict, make_group) -> list:
+    """Attention groups with one KV-cache spec each: the layers of each group in ``groups`` whose
+    spec (``layer_specs[name]``) differs from the group's own go to new groups,
+    ``make_group(group, spec, names)``, in order of first appearance."""
+    out = []
+    for group in groups:
+        by_spec: dict = {}
+        for name in group.layer_names:
+            by_spec.setdefault(layer_specs[name], []).append(name)
+        for spec, names in by_spec.items():
+            if spec == group.kv_cache_spec:
+                group.layer_names = names
+                out.append(group)
+            else:
+                out.append(make_group(group, spec, names))
+    return out
+
+
 VLLM_MODULE = "vllm.v1.spec_decode.draft_model"  # applied when this vLLM module is imported
-SWITCHES = ("MASSV_PATCH_DRAFT_POSITIONS", "MASSV_PATCH_DRAFT_IMAGES", "MASSV_FAST_DRAFT")
+SWITCHES = (
+    "MASSV_PATCH_DRAFT_POSITIONS",
+    "MASSV_PATCH_DRAFT_IMAGES",
+    "MASSV_PATCH_DRAFT_WINDOWS",
+    "MASSV_FAST_DRAFT",
+)
 PROPOSE_PARAMS = (
     "self",
     "num_speculative_tokens",
@@ -120,7 +152,9 @@ def fast_propose(self, loop, kw: dict, fast_first_pass: bool) -> torch.Tensor:
 
 
 def apply() -> None:
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
     from vllm.v1.spec_decode.draft_model import DraftModelProposer
+    from vllm.v1.worker.utils import AttentionGroup
 
     from massv_vllm.patches import bind, is_massv_engine, replace_method
     from massv_vllm.patches._draft_loop import DraftDecodeLoop
@@ -129,6 +163,7 @@ def apply() -> None:
     fix_positions = switch("MASSV_PATCH_DRAFT_POSITIONS").enabled()
     pass_images = switch("MASSV_PATCH_DRAFT_IMAGES").enabled()
     fast_draft = switch("MASSV_FAST_DRAFT").enabled()
+    draft_windows = switch("MASSV_PATCH_DRAFT_WINDOWS").enabled()
 
     def make_init(original):
         def __init__(self, vllm_config, device, runner=None):
@@ -196,8 +231,40 @@ def apply() -> None:
 
         return _warn_if_multimodal
 
+    def make_init_attn(original):
+        def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None):
+            original(self, kv_cache_config, kernel_block_sizes)
+            group_spec = kv_cache_config.kv_cache_groups[self.kv_cache_gid].kv_cache_spec
+            if not (draft_windows and self._massv and isinstance(group_spec, UniformTypeKVCacheSpecs)):
+                return
+            block = None
+            if kernel_block_sizes is not None and self.kv_cache_gid < len(kernel_block_sizes):
+                block = kernel_block_sizes[self.kv_cache_gid]
+
+            def make_group(like, spec, names):
+                group = AttentionGroup(
+                    backend=like.backend,
+                    layer_names=names,
+                    kv_cache_spec=spec,
+                    kv_cache_group_id=like.kv_cache_group_id,
+                )
+                group.create_metadata_builders(self.vllm_config, self.device, kernel_block_size=block)
+                return group
+
+            self.draft_attn_groups = split_by_layer_spec(
+                self.draft_attn_groups, group_spec.kv_cache_specs, make_group
+            )
+
+        return initialize_attn_backend
+
     replace_method(
         DraftModelProposer, "__init__", make_init, expect=("self", "vllm_config", "device", "runner")
+    )
+    replace_method(
+        DraftModelProposer,
+        "initialize_attn_backend",
+        make_init_attn,
+        expect=("self", "kv_cache_config", "kernel_block_sizes"),
     )
     replace_method(DraftModelProposer, "load_model", make_load_model, expect=("self", "target_model"))
     replace_method(DraftModelProposer, "propose", make_propose, expect=PROPOSE_PARAMS)

@@ -10,6 +10,7 @@ the scope of the bad-request and CPU-sampler fixes to every engine of the enviro
 | ``MASSV_PATCH_ALIAS`` | ``"method": "massv"`` alias, drafter checks, Gemma3 hybrid-KV setting | MASSV |
 | ``MASSV_PATCH_DRAFT_POSITIONS`` | 1-D draft positions for M-RoPE targets | any draft model of an M-RoPE target |
 | ``MASSV_PATCH_DRAFT_IMAGES`` | image embeddings reach the drafter (window, layout, log line) | MASSV |
+| ``MASSV_PATCH_DRAFT_WINDOWS`` | each drafter layer's attention metadata carries its own sliding window | MASSV |
 | ``MASSV_FAST_DRAFT`` | draft decode steps as full CUDA graphs (eager loop on CPU) | MASSV |
 | ``MASSV_FAST_DRAFT_FIRST_PASS`` | also the first draft pass of decode steps, the only one with parallel drafting | MASSV |
 | ``MASSV_FAST_DRAFT_ONE_GRAPH`` | draft steps 2..γ as one graph, not one per step (default ``0``) | MASSV |
@@ -71,6 +72,7 @@ SWITCHES: dict[str, Switch] = {
         Switch("MASSV_PATCH_ALIAS", '"massv" alias and drafter checks in process 0'),
         Switch("MASSV_PATCH_DRAFT_POSITIONS", "1-D draft positions and KV slots for M-RoPE targets"),
         Switch("MASSV_PATCH_DRAFT_IMAGES", "target image embeddings reach MASSV drafters"),
+        Switch("MASSV_PATCH_DRAFT_WINDOWS", "one attention-metadata group per sliding window of the drafter"),
         Switch("MASSV_FAST_DRAFT", "MASSV draft decode steps replayed as full CUDA graphs"),
         Switch(
             "MASSV_FAST_DRAFT_FIRST_PASS",

@@ -214,6 +214,12 @@ JOBS: dict[str, Job] = {
         "drafts at every position (issue 12)",
     ),
     "onegraph-gemma": _massv_gpu("one_graph and gemma3", 230, "the same for Gemma3"),
+    "windows-gemma": _massv_gpu(
+        "accepted_drafts and gemma3 and float32",
+        230,
+        "each Gemma3 drafter layer's attention metadata has its own sliding window (FlashAttention), "
+        "with T=0 lossless and accepted drafts on long prompts",
+    ),
     "bf16": _massv_gpu("bfloat16", 360, "bf16 divergences with the reference's top-2 logit gap (issue 15.2)"),
     # What the fourth session of 2026-11-30 left of `bf16` (beside `scale` on the other GPU it
     # passed 3 of its 4 tests in 569 s, then hit the call's limit) and of `scale` (the load test

@@ -68,6 +68,18 @@ def fast_loop_calls(llm, kind: str = "all") -> int | None:
     return None if calls is None else calls[kind]
 
 
+def assert_draft_layers_keep_their_windows(llm, window: int) -> None:
+    """The drafter's sliding layers (``window``) and full layers each have a metadata builder of
+    their own window: vLLM 0.26 gave all drafter layers of one attention backend one builder, with
+    one layer's window, which FlashAttention applies to every layer it serves
+    (``MASSV_PATCH_DRAFT_WINDOWS``)."""
+    groups = llm.collective_rpc("massv_draft_attention_windows")[0]
+    print(f"drafter attention groups (builder window, layer windows): {groups}")
+    assert {w for _, ws in groups for w in ws} == {None, window}, groups  # the drafter's own layers
+    for builder_window, windows in groups:
+        assert windows == [builder_window] * len(windows), groups
+
+
 def assert_mirror_accepts(llm, reference, image_floor: float | None = 2.0) -> dict[str, float]:
     """T=0 output equals the no-speculation reference on the whole suite, *and* drafts are
     accepted: MAL >= γ + 0.5 on the text-only prompts (the mirror drafter is the target there)

@@ -8,11 +8,15 @@ attention over image tokens in the target only.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from tests.engine_checks import (
     GAMMA,
+    MAX_TOKENS,
+    assert_draft_layers_keep_their_windows,
     assert_drafter_reads_images,
     assert_lossless,
     assert_mirror_accepts,
@@ -56,6 +60,52 @@ def test_accepted_drafts_are_lossless(mirror_llm, gemma_reference):
     assert_mirror_accepts(mirror_llm, gemma_reference)
     assert fast_loop_calls(mirror_llm, "one_graph") > one
     assert fast_loop_calls(mirror_llm, "one_graph") - one == fast_loop_calls(mirror_llm) - calls
+
+
+DRAFTER_WINDOW = 48
+
+
+@pytest.fixture(scope="module")
+def window_mirror(tiny_gemma, tmp_path_factory):
+    """A mirror drafter whose sliding window (48) differs from the target's (64), as Gemma3-1B's
+    (512) does from Gemma3-12B's (1024): vLLM 0.26 refused to start such a pair. Yields (engine,
+    drafter folder)."""
+    from massv_vllm.testing.tiny import make_mirror_drafter
+
+    out = tmp_path_factory.mktemp("window") / "drafter"
+    drafter = make_mirror_drafter(tiny_gemma.target, tiny_gemma.tokenizer, out, sliding_window=DRAFTER_WINDOW)
+    for engine in probed_engine(tiny_gemma, drafter):
+        yield engine, drafter
+
+
+def test_drafter_with_another_sliding_window_starts_and_is_lossless(
+    window_mirror, gemma_reference, tiny_gemma
+):
+    """Fails without ``patches/kv_cache_utils.py`` (the engine does not start). On sequences shorter
+    than both windows the mirror computes what the target does, so its drafts are accepted there."""
+    llm, drafter = window_mirror
+    target_cfg = json.loads((tiny_gemma.target / "config.json").read_text())["text_config"]
+    drafter_cfg = json.loads((drafter / "config.json").read_text())
+    assert (target_cfg["sliding_window"], drafter_cfg["sliding_window"]) == (
+        64,
+        DRAFTER_WINDOW,
+    )
+    suite = engine_suite()
+    assert_lossless(gemma_reference, counted_greedy(llm, suite)[0])
+    short = [
+        r
+        for r, ref in zip(suite, gemma_reference, strict=True)
+        if r.num_images == 0 and ref.prompt_len + MAX_TOKENS <= DRAFTER_WINDOW
+    ]
+    assert short
+    delta = counted_greedy(llm, short)[1]
+    assert delta.num_drafts > 0 and delta.mean_accepted_length >= GAMMA + 0.5, delta
+
+
+def test_each_drafter_layer_gets_its_own_sliding_window(llm, window_mirror):
+    """The tiny drafters have one sliding layer (window 64, or 48) and one full layer."""
+    assert_draft_layers_keep_their_windows(llm, 64)
+    assert_draft_layers_keep_their_windows(window_mirror[0], DRAFTER_WINDOW)
 
 
 def test_low_acceptance_drafter_is_lossless(llm, gemma_reference):

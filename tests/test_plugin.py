@@ -94,6 +94,7 @@ print(p.is_patched(GPUModelRunner, "_capture_cudagraphs"), p.is_patched(GPUModel
         "MASSV_FAST_DRAFT": "0",
         "MASSV_PATCH_DRAFT_IMAGES": "0",
         "MASSV_PATCH_DRAFT_POSITIONS": "0",
+        "MASSV_PATCH_DRAFT_WINDOWS": "0",
     }
     assert _fresh_process(code, off) == "False False False"
 

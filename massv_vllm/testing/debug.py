@@ -104,5 +104,25 @@ class DrafterProbe:
             return None
         return {"all": loop.calls, "first_pass": loop.first_pass_calls, "one_graph": loop.one_graph_calls}
 
+    def massv_draft_attention_windows(self) -> list[tuple[Any, list[Any]]]:
+        """Each drafter attention-metadata group: the sliding window its metadata builder applies
+        (its KV-cache spec's; None: full attention) and the windows its layers were built with
+        (``Attention.sliding_window``), sorted."""
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+        drafter = getattr(self.model_runner, "drafter", None)
+        groups = getattr(drafter, "draft_attn_groups", None) or []
+        layers = get_layers_from_vllm_config(
+            self.model_runner.vllm_config, AttentionLayerBase, [n for g in groups for n in g.layer_names]
+        )
+        out = []
+        for g in groups:
+            spec = g.get_metadata_builder().kv_cache_spec
+            out.append(
+                (getattr(spec, "sliding_window", None), [layers[n].sliding_window for n in g.layer_names])
+            )
+        return sorted(out, key=repr)
+
     def massv_probe_records(self) -> dict[str, Any]:
         return getattr(self.model_runner, "_massv_probe", None) or {}

@@ -541,7 +541,11 @@ def build_tiny_set(root: str | Path, family: str, dtype: torch.dtype = torch.flo
 
 
 def make_mirror_drafter(
-    target_dir: str | Path, tok_dir: str | Path, out_dir: str | Path, text_only: bool = False
+    target_dir: str | Path,
+    tok_dir: str | Path,
+    out_dir: str | Path,
+    text_only: bool = False,
+    sliding_window: int | None = None,
 ) -> Path:
     """A MASSV drafter that *is* the target's language model: the target's own text stack (same
     weights, vocab and norms) and an identity projector, which hands the target's image
@@ -553,7 +557,9 @@ def make_mirror_drafter(
     M-RoPE positions for Qwen2.5-VL, causal instead of bidirectional image attention for Gemma3),
     so acceptance there is high but not total. ``text_only``: no projector (the text-only
     baseline's shape; it sees image placeholders as plain tokens). Also written: ``<out_dir>-lm``,
-    the plain text LM.
+    the plain text LM. ``sliding_window`` (Gemma3): the drafter's window instead of the target's,
+    as Gemma3-1B's 512 beside Gemma3-12B's 1024; the same as the target's on sequences shorter
+    than both.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config
@@ -585,11 +591,15 @@ def make_mirror_drafter(
         prefix = ""  # the tiny Qwen2.5-VL target stores model.* and lm_head.* (vLLM's names)
     elif tcfg.model_type == "gemma3":
         drop = {"model_type", "architectures", "dtype", "transformers_version", "_name_or_path"}
+        if sliding_window is not None:
+            text["sliding_window"] = sliding_window
         cfg = Gemma3TextConfig(**{k: v for k, v in text.items() if k not in drop})
         cfg.architectures = ["Gemma3ForCausalLM"]
         prefix = "language_model."
     else:
         raise ValueError(f"no mirror drafter for model_type {tcfg.model_type!r}")
+    if sliding_window is not None and tcfg.model_type != "gemma3":
+        raise ValueError(f"sliding_window is for Gemma3 mirrors, not {tcfg.model_type!r}")
     sd = load_file(str(target / "model.safetensors"))
     lm_sd = {
         k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix + "model.") or k == "lm_head.weight"

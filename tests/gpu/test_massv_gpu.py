@@ -28,6 +28,7 @@ from massv_vllm.testing.lossless import divergences, greedy, prompt_suite
 from massv_vllm.testing.tiny import make_mirror_drafter, synthetic_image
 from massv_vllm.training.target_features import TargetEncoder
 from tests.engine_checks import (
+    assert_draft_layers_keep_their_windows,
     chat,
     chat_with,
     colour_image,
@@ -46,6 +47,7 @@ GAMMA = 5
 KW = dict(max_model_len=4096, max_num_batched_tokens=512, max_num_seqs=16)
 # bf16 divergences are excusable only where the reference itself was a near-tie.
 BF16_MAX_GAP = 0.1
+TINY_GEMMA3_WINDOW = 64  # make_gemma3_target's default sliding window
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "gemma3"])
@@ -101,6 +103,8 @@ def test_accepted_drafts_are_lossless(tiny, mirror, dtype):
     llm = make_llm(str(tiny.target), massv_spec(str(mirror), GAMMA), dtype=dtype, probe=True, **KW)
     try:
         print(f"\n[{tiny.family} {dtype}] mirror drafter, γ={GAMMA}")
+        if tiny.family == "gemma3":  # FlashAttention takes the window from the metadata (vLLM 0.26)
+            assert_draft_layers_keep_their_windows(llm, TINY_GEMMA3_WINDOW)
         calls = fast_loop_calls(llm)
         suite = _suite()
         check_lossless(tiny, dtype, ref, greedy(llm, suite, max_tokens=24))

@@ -15,7 +15,7 @@ the scope of the bad-request and CPU-sampler fixes to every engine of the enviro
 | ``MASSV_FAST_DRAFT_FIRST_PASS`` | also the first draft pass of decode steps, the only one with parallel drafting | MASSV |
 | ``MASSV_FAST_DRAFT_ONE_GRAPH`` | draft steps 2..γ as one graph, not one per step (default ``0``) | MASSV |
 | ``MASSV_PATCH_COMPILE_CACHE_KEY`` | the drafter is part of the torch.compile cache key | MASSV |
-| ``MASSV_PATCH_KV_WINDOWS`` | target and drafter layers of different sliding windows share one KV-cache group | MASSV (``always``: all) |
+| ``MASSV_PATCH_KV_WINDOWS`` | layers of different sliding windows keep their own windows in one KV-cache group (and start) | MASSV (``always``: all) |
 | ``MASSV_PATCH_CPU_REJECTION_SAMPLER`` | CPU rejection sampler keeps dtypes | MASSV (``always``: all) |
 | ``MASSV_PATCH_CPU_SEEDED_CHUNKS`` | seeded requests survive chunked prefill on CPU | MASSV (``always``: all) |
 | ``MASSV_PATCH_IMAGE_ERRORS`` | oversized / empty images are a 400 | MASSV (``always``: all) |
@@ -85,7 +85,9 @@ SWITCHES: dict[str, Switch] = {
         ),
         Switch("MASSV_PATCH_COMPILE_CACHE_KEY", "MASSV drafters get their own torch.compile cache"),
         Switch(
-            "MASSV_PATCH_KV_WINDOWS", "layers of different sliding windows share one KV-cache group", True
+            "MASSV_PATCH_KV_WINDOWS",
+            "layers of different sliding windows keep their own windows in one KV-cache group",
+            True,
         ),
         Switch("MASSV_PATCH_CPU_REJECTION_SAMPLER", "dtype-preserving expand kernel on CPU", True),
         Switch("MASSV_PATCH_CPU_SEEDED_CHUNKS", "seeded requests with chunked prefill on CPU", True),

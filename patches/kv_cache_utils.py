@@ -1,18 +1,23 @@
-"""is_kv_cache_spec_uniform (vllm/v1/core/kv_cache_utils.py, vLLM 0.26.0): a Gemma3 target and a
-Gemma3 drafter with different sliding windows start.
+"""is_kv_cache_spec_uniform (vllm/v1/core/kv_cache_utils.py, vLLM 0.26.0): layers of different
+sliding windows keep their own windows in one KV-cache group.
 
 A MASSV (or stock ``draft_model``) engine on a Gemma3 target runs with the hybrid KV-cache manager
 off: the drafter's sliding and full layers must share one KV-cache group
 (``llm_base_proposer.validate_same_kv_cache_group``). vLLM then turns every sliding layer into
 full-attention storage that keeps its window (``unify_hybrid_kv_cache_specs``) and asks
-``is_kv_cache_spec_uniform`` whether one spec fits all layers. That function expects a mismatch
-to surface as an ``AssertionError`` from ``merge``, but two *different* windows raise
-``ValueError`` in ``merge_window_sizes`` instead, so Gemma3-12B (window 1024) with Gemma3-1B
-(window 512) died at start-up with "All attention layers in the same KV cache group must have the
-same window size" (seen on an H200, 2026-11-30). The patch answers "not uniform" for that case,
-as vLLM does for every other mismatch: the layers then go into one group of per-layer specs
-(``UniformTypeKVCacheSpecs``), where each layer keeps its own window, which is vLLM's path for a
-single window already. Every input on which vLLM did not raise gets vLLM's answer.
+``is_kv_cache_spec_uniform`` whether one spec fits all layers, by merging them:
+
+- two different windows (Gemma3-12B 1024, Gemma3-1B 512) raise ``ValueError`` in
+  ``merge_window_sizes``, which the function does not catch (it expects ``AssertionError``), so
+  any speculative engine of that pair died at start-up (H200, 2026-11-30);
+- one window beside full layers merges into *one* full-attention spec that records the window
+  (the merge compares only the fields of ``AttentionSpec``), and backends that read the window
+  from the metadata (FlashAttention, the CPU scheduler) apply it to every layer of the group,
+  full layers included (fixed upstream in the backends by vllm-project/vllm#51756).
+
+The patch answers "not uniform" whenever the layers' windows (or attention chunks) differ; vLLM
+then puts them into one group of per-layer specs (``UniformTypeKVCacheSpecs``), where each layer's
+metadata carries its own window. Inputs whose windows agree get vLLM's answer.
 
 Scope: engines of a MASSV process; ``always``: every engine (a stock ``draft_model`` Gemma3 pair
 fails the same way, and the cost benchmark's stock engine needs it to start).
@@ -29,17 +34,22 @@ VLLM_MODULE = "vllm.v1.core.kv_cache_utils"  # applied when this vLLM module is 
 SWITCHES = ("MASSV_PATCH_KV_WINDOWS",)
 
 
+def windows(kv_cache_spec: dict) -> set[tuple]:
+    """The distinct (sliding window, attention chunk) pairs of the layers' specs."""
+    return {
+        (getattr(spec, "sliding_window", None), getattr(spec, "attention_chunk_size", None))
+        for spec in kv_cache_spec.values()
+    }
+
+
 def apply() -> None:
     module = sys.modules[VLLM_MODULE]
 
     def make(original):
         def is_kv_cache_spec_uniform(kv_cache_spec) -> bool:
-            if not request_patch_applies(SWITCHES[0]):
-                return original(kv_cache_spec)
-            try:
-                return original(kv_cache_spec)
-            except ValueError:  # merge_window_sizes: layers of different windows
+            if request_patch_applies(SWITCHES[0]) and len(windows(kv_cache_spec)) > 1:
                 return False
+            return original(kv_cache_spec)
 
         return is_kv_cache_spec_uniform
 

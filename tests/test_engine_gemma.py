@@ -56,6 +56,9 @@ def mirror_llm(tiny_gemma, tmp_path_factory):
 def test_accepted_drafts_are_lossless(mirror_llm, gemma_reference):
     """The accepted-prefix path at T=0; with the mirror drafter's MAL floor this also checks that
     the one-graph step update advances positions, KV slots and lengths as vLLM's kernel does."""
+    # The mirror's layers have the target's shapes, so vLLM merged all four into one spec of
+    # window 64 (full layers included) until MASSV_PATCH_KV_WINDOWS kept the windows apart.
+    assert_draft_layers_keep_their_windows(mirror_llm, 64)
     calls, one = fast_loop_calls(mirror_llm), fast_loop_calls(mirror_llm, "one_graph")
     assert_mirror_accepts(mirror_llm, gemma_reference)
     assert fast_loop_calls(mirror_llm, "one_graph") > one

@@ -775,6 +775,28 @@ def job_env(family: str, mode: str, spec: dict[str, Any] | None) -> dict[str, st
     return env or None
 
 
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def target_identity(preset: str) -> dict[str, Any]:
+    """What a preset's target engine is made of: presets equal here share one target engine."""
+    pre = PRESETS[preset]
+    return {
+        "family": pre.family,
+        "text": pre.target_text,
+        "vision": pre.target_vision,
+        "top": pre.target_top,
+        "processor": pre.processor,
+        "dtype": pre.dtype,
+    }
+
+
+def _prompt_texts(prompts: list[Any]) -> list[Any]:
+    """The prompts' text or token ids (their images are fixed by seed and size in the settings)."""
+    return [p.get("prompt", p.get("prompt_token_ids")) for p in prompts]
+
+
 def run_cost(
     out_dir: str | Path,
     *,
@@ -795,6 +817,7 @@ def run_cost(
     trace: bool = False,
     cpus: list[int] | None = None,
     argv: list[str] | None = None,
+    shared_target: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the shape set, run the chosen jobs, write cost.json and return it. ``cpus``: pin the
     run and its engine processes to these CPUs (``choose_cpus``).
@@ -802,6 +825,9 @@ def run_cost(
     Each finished engine job is saved in ``out_dir/jobs/``; a later call with the same settings
     reuses it and the report covers every finished job, so the jobs can be split over several
     commands (e.g. ``--jobs target drafter``, then ``--jobs stock massv``) with one final table.
+    ``shared_target``: the ``target`` job of another preset's run in the same command
+    (``run_cost_presets``), taken instead of starting the target again when its target, settings
+    and prompts are this run's.
     """
     from massv_vllm.engine import massv_spec, on_gpu
 
@@ -838,8 +864,10 @@ def run_cost(
     caller_env = massv_env()
     if caller_env:  # switches set by the caller reach every engine: not reusable under others
         settings["massv_env"] = caller_env
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = _key(settings)
     prompts = _prompts(shapes.target, max(batch_sizes), prompt_len, image_size)
+    # The target engine does not depend on the drafter: its key names the target and the prompts.
+    target_key = _key({**settings, "preset": target_identity(preset), "prompts": _prompt_texts(prompts)})
     plan: list[tuple[str, Path, dict[str, Any] | None]] = []  # (job-gγ, model, speculative config)
     if "target" in jobs:
         plan.append(("target", shapes.target, None))
@@ -858,6 +886,14 @@ def run_cost(
         if not fresh and path.is_file() and json.loads(path.read_text()).get("key") == key:
             print(f"[cost] {name}: reusing {path}", file=sys.stderr, flush=True)
             continue
+        if name == "target" and shared_target and Path(shared_target).is_file():
+            shared = json.loads(Path(shared_target).read_text())
+            if shared.get("target_key") == target_key:
+                print(f"[cost] target: the same engine as {shared_target}", file=sys.stderr, flush=True)
+                write_json(path, {**shared, "key": key, "shared_from": str(shared_target)})
+                continue
+            print(f"[cost] target: {shared_target} differs (target, settings or prompts): run again",
+                  file=sys.stderr, flush=True)  # fmt: skip
         print(f"[cost] {name} ...", file=sys.stderr, flush=True)
         # The small LM alone gets text prompts as long as the target's (image placeholders included).
         job_prompts = (
@@ -881,9 +917,10 @@ def run_cost(
                 profile_steps=profile_steps,
                 trace_dir=trace_dir,
             )
-        write_json(
-            path, {"key": key, "name": name, "env": caller_env | (env or {}), **res}
-        )  # checkpoint per engine
+        record = {"key": key, "name": name, "env": caller_env | (env or {}), **res}
+        if name == "target":
+            record["target_key"] = target_key
+        write_json(path, record)  # checkpoint per engine
     results = {}
     for path in sorted((out / "jobs").glob("*.json")):
         res = json.loads(path.read_text())
@@ -1050,6 +1087,74 @@ SCHEMA = {
 }
 
 
+# cost.json of a run over several presets (run_cost_presets): each preset's own document.
+PRESETS_SCHEMA = {"version": int, "presets": ListOf(str), "runs": MapOf(SCHEMA)}
+
+
+def run_cost_presets(out_dir: str | Path, presets: list[str], **kwargs: Any) -> dict[str, Any]:
+    """One run over several presets of one target (e.g. both Qwen2.5 drafter sizes of
+    Qwen2.5-VL-7B): ``run_cost`` per preset in ``out_dir/<preset>/``, the target engine started
+    once and its step times shared, and ``out_dir/cost.json`` holding every preset's document.
+    Split over commands like ``run_cost``: a rerun reuses every finished engine."""
+    if len(set(presets)) != len(presets) or len(presets) < 2:
+        raise ValueError(f"give two or more different presets, got {presets}")
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown}; known: {sorted(PRESETS)}")
+    targets = {p: target_identity(p) for p in presets}
+    if any(t != targets[presets[0]] for t in targets.values()):
+        raise ValueError(f"presets {presets} have different targets: one run shares one target engine")
+    out = Path(out_dir)
+    runs, shared = {}, None
+    for preset in presets:
+        sub = out / preset.replace("/", "__")
+        runs[preset] = run_cost(sub, preset=preset, shared_target=shared, **kwargs)
+        shared = shared or sub / "jobs" / "target.json"
+    doc = {"version": RESULTS_VERSION, "presets": list(presets), "runs": runs}
+    problems = check_schema(doc, PRESETS_SCHEMA)
+    if problems:
+        raise AssertionError("cost.json does not match its schema:\n" + "\n".join(problems))
+    write_json(out / "cost.json", doc)
+    return doc
+
+
+def format_presets_report(doc: dict[str, Any]) -> str:
+    """Each preset's report, then MASSV against stock and the ceiling side by side per preset."""
+    out = [format_report(d) for d in doc["runs"].values()]
+    mals = next(iter(doc["runs"].values()))["meta"]["settings"].get("mals", [])
+    rows = []
+    for preset, d in doc["runs"].items():
+        e2e = {(r["mode"], r["gamma"], r["batch_size"]): r for r in d["e2e"]}
+        over = {(r["gamma"], r["batch_size"]): r["massv_over_stock_tpot"] for r in d["massv_overhead"]
+                if r["mode"] == "massv"}  # fmt: skip
+        for (mode, g, b), r in sorted(e2e.items(), key=lambda kv: (kv[0][1] or 0, kv[0][2], kv[0][0])):
+            if mode not in ("massv", "massv-async"):
+                continue
+            ceiling, s = r["predicted_full_acceptance"], r["speedup_vs_none"]
+            rows.append(
+                [
+                    preset.partition("/")[2] or preset,
+                    mode,
+                    g,
+                    b,
+                    fmt(r["tpot_ms"], 3),
+                    fmt(over.get((g, b)) if mode == "massv" else None, 3),
+                    fmt(s),
+                    fmt(None if not ceiling or s is None else s / ceiling),
+                    *[fmt(r["predicted_at_mal"].get(f"{float(t):.2f}")) for t in mals],
+                ]
+            )
+    out.append(
+        format_table(
+            ["drafter", "engine", "γ", "B", "TPOT ms", "TPOT / stock", "speed-up", "of ceiling"]
+            + [f"at MAL {float(t):.2f}" for t in mals],
+            rows,
+            "one run, every drafter: MASSV at forced acceptance (the target engine is shared)",
+        )
+    )
+    return "\n\n".join(out)
+
+
 def _spread(xs: list[float]) -> str:
     """(max - min) / median of a cell's repeats, in percent ("-" with fewer than two)."""
     if len(xs) < 2:
@@ -1187,7 +1292,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from massv_vllm.engine import parse_engine_args
 
     p = cli.parser(__doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-vl-7b/qwen2.5-1.5b")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        nargs="+",
+        default=["qwen2.5-vl-7b/qwen2.5-1.5b"],
+        help="one preset, or several of one target: one run, the target engine shared, OUT/<preset>/ each",
+    )
     p.add_argument(
         "--tiny", action="store_true", help="CPU smoke run: tiny-qwen, few steps, batch 1 and 2, γ=2"
     )
@@ -1253,16 +1364,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(str(e))
     if a.eager:
         kw["enforce_eager"] = True
-    # jobs, compile_backend, fresh, trace and models_dir reach run_cost by name (cli.forward).
+    if tiny and len(a.preset) > 1:
+        p.error("--tiny runs the tiny preset alone: leave out --preset")
+    several = len(a.preset) > 1
+    # Named here, not left to cli.forward: run_cost_presets passes them on as **kwargs.
+    by_name = {k: getattr(a, k) for k in ("jobs", "compile_backend", "fresh", "trace", "models_dir")}
     return cli.run_main(
-        run_cost,
+        run_cost_presets if several else run_cost,
         a,
         a.out,
         module="benchmarks.cost",
         argv=argv,
-        report=format_report,
+        report=format_presets_report if several else format_report,
         results="cost.json",
-        preset="tiny-qwen" if tiny else a.preset,
+        **({"presets": a.preset} if several else {"preset": "tiny-qwen" if tiny else a.preset[0]}),
         gammas=a.gammas or ([2] if tiny else [5]),
         batch_sizes=a.batch_sizes or ([1, 2] if tiny else [1, 8, 32]),
         steps=a.steps or (12 if tiny else 128),
@@ -1273,6 +1388,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engine_kw=kw,
         profile_steps=a.profile,
         cpus=cpus,
+        **by_name,
     )
 
 

@@ -50,6 +50,7 @@ class Job:
     seconds: int  # expected wall time on one H200 (nvidia-h200-x2 for the multi-GPU jobs)
     shows: str
     results: str | None = "{out}"  # what goes into $OUT/<job>.tgz (None: nothing)
+    folder: str | None = None  # the result folder under the work dir ("{out}"), if not the job's name
 
     @property
     def timed(self) -> bool:
@@ -68,8 +69,9 @@ def _massv_gpu(select: str, seconds: int, shows: str) -> Job:
 
 
 def _cost(preset: str, jobs: str, gammas: str, *extra: str) -> tuple[str, ...]:
-    """A ``benchmarks.cost`` run at B = 1 and 8 with the eager compile backend (the runbook's grid)."""
-    return (*COST, "--preset", preset, "--jobs", *jobs.split(), "--gammas", *gammas.split(), *GRID,
+    """A ``benchmarks.cost`` run at B = 1 and 8 with the eager compile backend (the runbook's grid);
+    ``preset``: one, or several of one target separated by spaces (one run, one target engine)."""
+    return (*COST, "--preset", *preset.split(), "--jobs", *jobs.split(), "--gammas", *gammas.split(), *GRID,
             *extra, "--out", "{out}")  # fmt: skip
 
 
@@ -88,6 +90,21 @@ JOBS: dict[str, Job] = {
         "fast drafting before/after, Qwen2.5-VL-7B + 1.5B, γ 3 and 5, B 1 and 8 (issues 12, 15.6)",
     ),
     "cost05": Job(_cost(QWEN05, BEFORE_AFTER, "3 5"), 480, "the same with Qwen2.5-0.5B"),
+    # Both drafter sizes in one run (the fast-drafting issue's table): 19 engines of ~38 s on one
+    # H200, more than one call, so two jobs in one folder (the run's key leaves out --jobs):
+    # cost-both2 reuses what cost-both1 finished and runs the MASSV engines. Same machine, two calls.
+    "cost-both1": Job(
+        _cost(f"{QWEN15} {QWEN05}", "target drafter stock massv-stockloop", "3 5"),
+        440,
+        "cost15 and cost05 as one run (target shared), part 1: target, drafters, stock, vLLM's loop (issue 12)",
+        folder="cost-both",
+    ),
+    "cost-both2": Job(
+        _cost(f"{QWEN15} {QWEN05}", BEFORE_AFTER, "3 5"),
+        340,
+        "part 2 in the same folder: MASSV ± async, and the one table of both drafters (issue 12)",
+        folder="cost-both",
+    ),
     "parallel": Job(
         _cost(QWEN15, "target drafter massv massv-parallel massv-parallel-async", "3 5 7"),
         480,
@@ -313,7 +330,7 @@ def command(name: str, work: Path) -> list[str]:
     ``$GPU_JOBS_COST_ARGS`` (shell words) at its end, so that a setting that `noise-pinned` or
     `noise-mp` shows to remove the machine's slow repeats can go on every timing run, for example
     ``--cpus one-per-core:8``; of a repeated option the last one counts."""
-    argv = [a.replace("{out}", str(work / name)) for a in JOBS[name].argv]
+    argv = [a.replace("{out}", str(work / (JOBS[name].folder or name))) for a in JOBS[name].argv]
     if JOBS[name].timed:
         argv += shlex.split(os.environ.get(COST_ARGS_ENV, ""))
     return argv
@@ -370,7 +387,7 @@ def run_job(
             timer.cancel()
         f.write(f"[gpu_jobs] {name}: exit {rc} after {time.monotonic() - t0:.0f} s\n")
     if job.results:
-        src = Path(job.results.replace("{out}", str(work / name)))
+        src = Path(job.results.replace("{out}", str(work / (job.folder or name))))
         src = src if src.is_absolute() else REPO / src
         if src.exists():
             with tarfile.open(out / f"{name}.tgz", "w:gz") as tar:

@@ -448,3 +448,101 @@ def test_sequential_switch_jobs_combine_their_settings():
     assert job_env("qwen2_5_vl", "massv", spec) is None
     modes = {"massv-onegraph", "massv-onegraph-async", "massv-stepgraphs", "massv-stepgraphs-async"}
     assert not modes & (set(JOB_SPEC) | set(DRAFT_FORWARDS))
+
+
+def _fake_engines(calls):
+    """``run_job`` without engines: the target decodes in 10 / 12 ms (B=1 / 2), a small LM of n
+    layers in n ms, a speculative engine at MAL 3 in 4 ms (2 layers) or 5 ms (3 layers)."""
+
+    def run_job(model, spec, prompts, batch_sizes, *a, **k):
+        calls.append((model.parent.name, model.name, spec and spec["method"]))
+        layers = json.loads((model.parent / "small-lm" / "config.json").read_text())["num_hidden_layers"]
+        if model.name == "target" and spec is None:
+            tpot = {1: 10.0, 2: 12.0}
+        elif spec is None:
+            tpot = {b: float(layers) for b in batch_sizes}
+        else:
+            tpot = {b: 2.0 + layers for b in batch_sizes}
+        mal = None if spec is None else 3.0
+        return {
+            "startup_s": 1.0,
+            "zeroed": {"target": ["x"]},
+            "rows": [_row(b, tpot[b], mal) for b in batch_sizes],
+        }
+
+    return run_job
+
+
+@pytest.fixture
+def two_tiny_presets(monkeypatch):
+    """tiny-qwen and a test-only preset of the same target with a 3-layer small LM."""
+    from dataclasses import replace
+
+    from benchmarks import cost
+
+    base = cost.PRESETS["tiny-qwen"]
+    monkeypatch.setitem(
+        cost.PRESETS, "tiny-qwen/3l", replace(base, small={**base.small, "num_hidden_layers": 3})
+    )
+    return ["tiny-qwen", "tiny-qwen/3l"]
+
+
+def _argv(presets, out):
+    return ["--preset", *presets, "--jobs", "target", "drafter", "stock", "massv", "--gammas", "2",
+            "--batch-sizes", "1", "2", "--steps", "4", "--repeats", "1", "--prompt-len", "8",
+            "--image-size", "112x112", "--compile-backend", "eager", "--out", str(out)]  # fmt: skip
+
+
+def test_one_run_over_two_drafters_starts_the_target_once(tmp_path, monkeypatch, capsys, two_tiny_presets):
+    from benchmarks import cost
+
+    calls = []
+    monkeypatch.setattr(cost, "run_job", _fake_engines(calls))
+    doc = cost.main(_argv(two_tiny_presets, tmp_path))
+    targets = [c for c in calls if c[1:] == ("target", None)]
+    assert targets == [("tiny-qwen", "target", None)]  # the second preset's target never started
+    assert sorted(c[0] for c in calls if c[1] == "small-lm") == ["tiny-qwen", "tiny-qwen__3l"]
+    assert len(calls) == 1 + 2 * 3  # target; drafter, stock, massv per preset
+    first, second = (doc["runs"][p] for p in two_tiny_presets)
+    assert first["step_ms"]["target"] == second["step_ms"]["target"] == {"1": 10.0, "2": 12.0}
+    assert second["cost_ratio"] == pytest.approx({"1": 0.3, "2": 0.25})  # its own 3-layer LM
+    e2e = {(r["mode"], r["batch_size"]): r for r in second["e2e"]}
+    assert e2e[("massv", 1)]["speedup_vs_none"] == pytest.approx(10.0 / 5.0)  # the shared target's step
+    shared = json.loads((tmp_path / "tiny-qwen__3l" / "jobs" / "target.json").read_text())
+    assert shared["shared_from"] == str(tmp_path / "tiny-qwen" / "jobs" / "target.json")
+    assert check_schema(doc, cost.PRESETS_SCHEMA) == []
+    assert json.loads((tmp_path / "cost.json").read_text()) == doc
+    assert json.loads((tmp_path / "tiny-qwen" / "cost.json").read_text()) == first
+    report = capsys.readouterr().out
+    side = report[report.index("one run, every drafter") :]
+    row = next(line for line in side.splitlines() if line.startswith("3l ") and " massv " in line)
+    # MASSV 5 ms against stock's 5 ms, 2.00x over the target's 10 ms; ceiling 3·10/(10+2·3) = 1.875
+    assert row.split()[4:8] == ["5.000", "1.000", "2.00", "1.07"]
+    # the same command again: every engine of both presets is reused
+    monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("finished job rerun"))
+    again = cost.main(_argv(two_tiny_presets, tmp_path))
+    assert [r["e2e"] for r in again["runs"].values()] == [r["e2e"] for r in doc["runs"].values()]
+
+
+def test_a_target_run_on_other_prompts_is_not_shared(tmp_path, monkeypatch, two_tiny_presets):
+    from benchmarks import cost
+
+    calls = []
+    monkeypatch.setattr(cost, "run_job", _fake_engines(calls))
+    real = cost._prompts
+    # each preset's folder gets prompts of its own (as two differently trained tokenizers would)
+    monkeypatch.setattr(cost, "_prompts", lambda target, *a, **k: real(target, *a, seed=len(str(target))))
+    cost.main(_argv(two_tiny_presets, tmp_path))
+    assert [c[0] for c in calls if c[1:] == ("target", None)] == ["tiny-qwen", "tiny-qwen__3l"]
+    assert "shared_from" not in json.loads((tmp_path / "tiny-qwen__3l" / "jobs" / "target.json").read_text())
+
+
+def test_presets_of_different_targets_are_refused_before_any_engine(tmp_path, monkeypatch):
+    from benchmarks import cost
+
+    monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("an engine started"))
+    with pytest.raises(ValueError, match="different targets"):
+        cost.run_cost_presets(tmp_path, ["tiny-qwen", "qwen2.5-vl-7b/qwen2.5-1.5b"], jobs=["target"])
+    with pytest.raises(ValueError, match="two or more different presets"):
+        cost.run_cost_presets(tmp_path, ["tiny-qwen", "tiny-qwen"], jobs=["target"])
+    assert not list(tmp_path.iterdir())

@@ -82,6 +82,22 @@ def test_extra_cost_arguments_from_the_environment_reach_timing_jobs_only(tmp_pa
     assert "--cpus" not in gpu_jobs.command("cost05", tmp_path)
 
 
+def test_the_two_parts_of_cost_both_are_one_run_in_one_folder(tmp_path):
+    """Part 2 reuses part 1's engines only if everything but --jobs (not in the run's key) agrees."""
+
+    def without_jobs(argv):
+        i = argv.index("--jobs")
+        j = next(k for k in range(i + 1, len(argv)) if argv[k].startswith("--"))
+        return argv[:i] + argv[j:], argv[i + 1 : j]
+
+    (one, jobs1), (two, jobs2) = (
+        without_jobs(gpu_jobs.command(n, tmp_path)) for n in ("cost-both1", "cost-both2")
+    )
+    assert one == two and one[one.index("--out") + 1] == str(tmp_path / "cost-both")
+    assert one[one.index("--preset") + 1 : one.index("--preset") + 3] == [gpu_jobs.QWEN15, gpu_jobs.QWEN05]
+    assert set(jobs1) < set(jobs2) == set(gpu_jobs.BEFORE_AFTER.split())
+
+
 def test_jobs_fit_a_device_call():
     for name, job in gpu_jobs.JOBS.items():
         assert job.seconds <= 560, name  # one call ends at 600 s

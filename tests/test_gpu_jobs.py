@@ -4,6 +4,7 @@ job's log and results come back as the device tool returns them (one log + one a
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import shlex
@@ -46,19 +47,48 @@ def test_each_benchmark_job_parses(name, tmp_path):
         assert e.value.code == 0, argv
 
 
-@pytest.mark.parametrize("name", [n for n, j in gpu_jobs.JOBS.items() if "pytest" in j.argv])
-def test_each_test_job_selects_tests(name, tmp_path):
-    argv = gpu_jobs.command(name, tmp_path)
-    args = [a for a in argv[3:] if a not in ("-q", "-s", "-rs")]
+TEST_JOBS = [n for n, j in gpu_jobs.JOBS.items() if "pytest" in j.argv]
+# One interpreter collects for every test job: a pytest process per job paid torch's and vLLM's
+# imports each time (~25 s a job on CI's machine).
+COLLECT = """
+import json, sys, pytest
+
+class Count:
+    def pytest_collection_finish(self, session):
+        self.n = len(session.items)
+
+out = {}
+for name, args in json.loads(sys.argv[1]).items():
+    count = Count()
+    count.n = 0
+    rc = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *args], plugins=[count])
+    out[name] = [int(rc), count.n]
+print("COLLECTED " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    """Per test job: pytest's exit status and the number of tests it selects (collect only)."""
+    work = tmp_path_factory.mktemp("jobs")
+    jobs = {n: [a for a in gpu_jobs.command(n, work)[3:] if a not in ("-q", "-s", "-rs")] for n in TEST_JOBS}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        [sys.executable, "-c", COLLECT, json.dumps(jobs)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
-    m = re.search(r"(\d+)(?:/\d+)? tests? collected", proc.stdout)
-    assert proc.returncode == 0 and m and int(m.group(1)) > 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    m = re.search(r"^COLLECTED (.*)$", proc.stdout, re.M)
+    assert proc.returncode == 0 and m, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(m.group(1)), proc.stdout
+
+
+@pytest.mark.parametrize("name", TEST_JOBS)
+def test_each_test_job_selects_tests(name, collected):
+    result, log = collected
+    rc, n = result[name]
+    assert rc == 0 and n > 0, f"{name}: pytest exit {rc}, {n} tests selected\n{log[-3000:]}"
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -781,15 +781,7 @@ def _key(obj: Any) -> str:
 
 def target_identity(preset: str) -> dict[str, Any]:
     """What a preset's target engine is made of: presets equal here share one target engine."""
-    pre = PRESETS[preset]
-    return {
-        "family": pre.family,
-        "text": pre.target_text,
-        "vision": pre.target_vision,
-        "top": pre.target_top,
-        "processor": pre.processor,
-        "dtype": pre.dtype,
-    }
+    return {k: v for k, v in asdict(PRESETS[preset]).items() if k != "small"}
 
 
 def _prompt_texts(prompts: list[Any]) -> list[Any]:

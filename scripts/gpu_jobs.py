@@ -325,12 +325,17 @@ JOBS: dict[str, Job] = {
 COST_ARGS_ENV = "GPU_JOBS_COST_ARGS"
 
 
+def results_folder(name: str, work: Path) -> Path:
+    """Where job ``name`` writes its results ("{out}"): ``work/<its folder or its name>``."""
+    return work / (JOBS[name].folder or name)
+
+
 def command(name: str, work: Path) -> list[str]:
     """The job's command line, its results going to ``work/<name>``. A timing job also gets
     ``$GPU_JOBS_COST_ARGS`` (shell words) at its end, so that a setting that `noise-pinned` or
     `noise-mp` shows to remove the machine's slow repeats can go on every timing run, for example
     ``--cpus one-per-core:8``; of a repeated option the last one counts."""
-    argv = [a.replace("{out}", str(work / (JOBS[name].folder or name))) for a in JOBS[name].argv]
+    argv = [a.replace("{out}", str(results_folder(name, work))) for a in JOBS[name].argv]
     if JOBS[name].timed:
         argv += shlex.split(os.environ.get(COST_ARGS_ENV, ""))
     return argv
@@ -387,7 +392,7 @@ def run_job(
             timer.cancel()
         f.write(f"[gpu_jobs] {name}: exit {rc} after {time.monotonic() - t0:.0f} s\n")
     if job.results:
-        src = Path(job.results.replace("{out}", str(work / (job.folder or name))))
+        src = Path(job.results.replace("{out}", str(results_folder(name, work))))
         src = src if src.is_absolute() else REPO / src
         if src.exists():
             with tarfile.open(out / f"{name}.tgz", "w:gz") as tar:

@@ -79,6 +79,7 @@ from benchmarks.report import (
     check_schema,
     fmt,
     format_table,
+    machine_id,
     run_metadata,
     write_json,
 )
@@ -909,7 +910,7 @@ def run_cost(
                 profile_steps=profile_steps,
                 trace_dir=trace_dir,
             )
-        record = {"key": key, "name": name, "env": caller_env | (env or {}), **res}
+        record = {"key": key, "name": name, "env": caller_env | (env or {}), "machine": machine_id(), **res}
         if name == "target":
             record["target_key"] = target_key
         write_json(path, record)  # checkpoint per engine
@@ -934,9 +935,12 @@ def run_cost(
                 "zeroed": v["zeroed"],
                 "cpus": v.get("engine_cpus"),
                 "env": v.get("env", {}),
+                "machine": v.get("machine"),
             }
             for k, v in results.items()
         },
+        # a run split over calls may have lost its machine in between: ratios across machines differ
+        "machines": sorted({v["machine"] for v in results.values() if v.get("machine")}),
         **summarise(results, batch_sizes, found_gammas, list(mals)),
         "profile": {k: v["profile"] for k, v in results.items() if v.get("profile")},
     }
@@ -1031,8 +1035,15 @@ SCHEMA = {
     "preset": str,
     "folders": {"target": str, "small_lm": str, "drafter": str},
     "engines": MapOf(
-        {"startup_s": NUM, "zeroed": MapOf(ListOf(str)), "cpus": Opt(ListOf(int)), "env": MapOf(str)}
+        {
+            "startup_s": NUM,
+            "zeroed": MapOf(ListOf(str)),
+            "cpus": Opt(ListOf(int)),
+            "env": MapOf(str),
+            "machine": Opt(str),
+        }
     ),
+    "machines": ListOf(str),
     "step_ms": MapOf(MapOf(Opt(NUM))),
     "cost_ratio": MapOf(Opt(NUM)),
     "ceiling": ListOf({"batch_size": int, "gamma": int, "mal": NUM, "speedup": Opt(NUM)}),
@@ -1113,6 +1124,7 @@ def run_cost_presets(out_dir: str | Path, presets: list[str], **kwargs: Any) -> 
 def format_presets_report(doc: dict[str, Any]) -> str:
     """Each preset's report, then MASSV against stock and the ceiling side by side per preset."""
     out = [format_report(d) for d in doc["runs"].values()]
+    out += _machines_warning(sorted({m for d in doc["runs"].values() for m in d.get("machines", [])}))
     mals = next(iter(doc["runs"].values()))["meta"]["settings"].get("mals", [])
     rows = []
     for preset, d in doc["runs"].items():
@@ -1147,6 +1159,18 @@ def format_presets_report(doc: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
+def _machines_warning(machines: list[str]) -> list[str]:
+    """A line for a run whose engines were timed on more than one machine (a run resumed after its
+    machine was lost): host-bound spec steps ran up to ~20 % apart on different H200 machines."""
+    if len(machines) < 2:
+        return []
+    return [
+        f"WARNING: these engines ran on {len(machines)} machines (boot ids "
+        + ", ".join(m[:8] for m in machines)
+        + "): ratios between engines of different machines are not one run's"
+    ]
+
+
 def _spread(xs: list[float]) -> str:
     """(max - min) / median of a cell's repeats, in percent ("-" with fewer than two)."""
     if len(xs) < 2:
@@ -1159,6 +1183,7 @@ def format_report(doc: dict[str, Any]) -> str:
     settings = doc.get("meta", {}).get("settings", {})
     mals = [float(m) for m in settings.get("mals", [])]
     out = [f"run and engines pinned to CPUs {settings['cpus']}"] if settings.get("cpus") else []
+    out += _machines_warning(doc.get("machines", []))
     if settings.get("massv_env"):
         out.append("set for every engine: " + " ".join(f"{k}={v}" for k, v in settings["massv_env"].items()))
     rows = [[k, *[fmt(v.get(str(b)), 3) for b in bs]] for k, v in doc["step_ms"].items()]

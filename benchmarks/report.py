@@ -43,6 +43,15 @@ def gpu_names() -> list[str]:
     return []
 
 
+def machine_id(path: str = "/proc/sys/kernel/random/boot_id") -> str | None:
+    """This machine's boot id: each device machine boots a kernel of its own (their hostnames are
+    all "vm"), so engines of one run timed on two machines show two ids. None off Linux."""
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def run_metadata(settings: Mapping[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Date, command line, host, versions and ``settings`` of this run (the ``meta`` section)."""
     from massv_vllm.provenance import git_commit, package_versions
@@ -53,6 +62,7 @@ def run_metadata(settings: Mapping[str, Any], argv: Sequence[str] | None = None)
         "command": shlex.join([Path(sys.executable).name, *argv]),
         "host": {
             "hostname": platform.node(),
+            "machine": machine_id(),
             "gpu": gpu_names(),
             "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),

@@ -90,19 +90,27 @@ JOBS: dict[str, Job] = {
         "fast drafting before/after, Qwen2.5-VL-7B + 1.5B, γ 3 and 5, B 1 and 8 (issues 12, 15.6)",
     ),
     "cost05": Job(_cost(QWEN05, BEFORE_AFTER, "3 5"), 480, "the same with Qwen2.5-0.5B"),
-    # Both drafter sizes in one run (the fast-drafting issue's table): 19 engines of ~38 s on one
-    # H200, more than one call, so two jobs in one folder (the run's key leaves out --jobs):
-    # cost-both2 reuses what cost-both1 finished and runs the MASSV engines. Same machine, two calls.
+    # Both drafter sizes in one run (the fast-drafting issue's table): 19 engines, ~40 s each on a
+    # warm H200 and up to ~60 s on a fresh one (2026-12-01, second session: ~1200 s in all), so
+    # three jobs in one folder, most needed first (the run's key leaves out --jobs, so each part
+    # reuses what the parts before it finished). Every call of the lease runs all three under one
+    # time limit: finished parts cost seconds, a part cut off resumes at its next engine.
     "cost-both1": Job(
-        _cost(f"{QWEN15} {QWEN05}", "target drafter stock massv-stockloop", "3 5"),
-        440,
-        "cost15 and cost05 as one run (target shared), part 1: target, drafters, stock, vLLM's loop (issue 12)",
+        _cost(f"{QWEN15} {QWEN05}", "target drafter stock", "3 5"),
+        330,
+        "cost15 and cost05 as one run (target shared), part 1 of 3: target, both drafters, stock (issue 12)",
         folder="cost-both",
     ),
     "cost-both2": Job(
+        _cost(f"{QWEN15} {QWEN05}", "target drafter stock massv massv-async", "3 5"),
+        400,
+        "part 2 in the same folder: MASSV ± async for both drafters (issue 12)",
+        folder="cost-both",
+    ),
+    "cost-both3": Job(
         _cost(f"{QWEN15} {QWEN05}", BEFORE_AFTER, "3 5"),
-        340,
-        "part 2 in the same folder: MASSV ± async, and the one table of both drafters (issue 12)",
+        220,
+        "part 3: vLLM's draft loop (the before column), and the one table of both drafters (issue 12)",
         folder="cost-both",
     ),
     "parallel": Job(
@@ -324,6 +332,7 @@ JOBS: dict[str, Job] = {
 
 
 COST_ARGS_ENV = "GPU_JOBS_COST_ARGS"
+NOT_STARTED = 124  # run_job's status for a job that found its time limit already reached (as timeout(1))
 
 
 def results_folder(name: str, work: Path) -> Path:
@@ -362,6 +371,10 @@ def run_job(
     cmd = command(name, work)
     log = out / f"{name}.log"
     t0 = time.monotonic()
+    if deadline is not None and t0 >= deadline:  # an earlier job of the call took the time left
+        log.write_text(f"$ {shlex.join(cmd)}\n[gpu_jobs] {name}: not started, the time limit was reached\n")
+        print(f"[gpu_jobs] {name}: not started, the time limit was reached", flush=True)
+        return NOT_STARTED
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         if cpus:

@@ -546,3 +546,34 @@ def test_presets_of_different_targets_are_refused_before_any_engine(tmp_path, mo
     with pytest.raises(ValueError, match="two or more different presets"):
         cost.run_cost_presets(tmp_path, ["tiny-qwen", "tiny-qwen"], jobs=["target"])
     assert not list(tmp_path.iterdir())
+
+
+def test_a_run_resumed_on_another_machine_is_flagged(tmp_path, monkeypatch, capsys, two_tiny_presets):
+    """Each engine records the machine it was timed on; a table mixing machines says so."""
+    from benchmarks import cost
+
+    monkeypatch.setattr(cost, "run_job", _fake_engines([]))
+    monkeypatch.setattr(cost, "machine_id", lambda: "aaaaaaaa-1")
+    doc = cost.main(_argv(two_tiny_presets, tmp_path))
+    assert [d["machines"] for d in doc["runs"].values()] == [["aaaaaaaa-1"], ["aaaaaaaa-1"]]
+    assert "WARNING" not in capsys.readouterr().out
+    # the machine is lost after part of the run; the rest runs on a fresh one, reusing the rest
+    (tmp_path / "tiny-qwen__3l" / "jobs" / "massv-g2.json").unlink()
+    monkeypatch.setattr(cost, "machine_id", lambda: "bbbbbbbb-2")
+    doc = cost.main(_argv(two_tiny_presets, tmp_path))
+    first, second = (doc["runs"][p] for p in two_tiny_presets)
+    assert first["machines"] == ["aaaaaaaa-1"] and second["machines"] == ["aaaaaaaa-1", "bbbbbbbb-2"]
+    assert second["engines"]["massv-g2"]["machine"] == "bbbbbbbb-2"
+    assert second["engines"]["stock-g2"]["machine"] == "aaaaaaaa-1"
+    assert check_schema(doc, cost.PRESETS_SCHEMA) == []
+    report = capsys.readouterr().out
+    # once in the second preset's report, once for the side-by-side table of both
+    assert report.count("WARNING: these engines ran on 2 machines (boot ids aaaaaaaa, bbbbbbbb)") == 2
+
+
+def test_machine_id_is_the_boot_id(tmp_path):
+    from benchmarks.report import machine_id
+
+    (tmp_path / "boot_id").write_text("6b013186-cf55\n")
+    assert machine_id(str(tmp_path / "boot_id")) == "6b013186-cf55"
+    assert machine_id(str(tmp_path / "absent")) is None

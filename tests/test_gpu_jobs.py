@@ -112,20 +112,24 @@ def test_extra_cost_arguments_from_the_environment_reach_timing_jobs_only(tmp_pa
     assert "--cpus" not in gpu_jobs.command("cost05", tmp_path)
 
 
-def test_the_two_parts_of_cost_both_are_one_run_in_one_folder(tmp_path):
-    """Part 2 reuses part 1's engines only if everything but --jobs (not in the run's key) agrees."""
+def test_the_parts_of_cost_both_are_one_run_in_one_folder_most_needed_first(tmp_path):
+    """Each part reuses the parts before it only if everything but --jobs (not in the run's key)
+    agrees; each part's jobs include the earlier parts' (so its table is the whole run so far)."""
 
     def without_jobs(argv):
         i = argv.index("--jobs")
         j = next(k for k in range(i + 1, len(argv)) if argv[k].startswith("--"))
         return argv[:i] + argv[j:], argv[i + 1 : j]
 
-    (one, jobs1), (two, jobs2) = (
-        without_jobs(gpu_jobs.command(n, tmp_path)) for n in ("cost-both1", "cost-both2")
-    )
-    assert one == two and one[one.index("--out") + 1] == str(tmp_path / "cost-both")
+    parts = [without_jobs(gpu_jobs.command(f"cost-both{i}", tmp_path)) for i in (1, 2, 3)]
+    one = parts[0][0]
+    assert all(argv == one for argv, _ in parts)
+    assert one[one.index("--out") + 1] == str(tmp_path / "cost-both")
     assert one[one.index("--preset") + 1 : one.index("--preset") + 3] == [gpu_jobs.QWEN15, gpu_jobs.QWEN05]
-    assert set(jobs1) < set(jobs2) == set(gpu_jobs.BEFORE_AFTER.split())
+    jobs = [set(j) for _, j in parts]
+    assert jobs[0] == {"target", "drafter", "stock"}  # the reference every ratio needs
+    assert jobs[0] < jobs[1] < jobs[2] == set(gpu_jobs.BEFORE_AFTER.split())
+    assert jobs[1] - jobs[0] == {"massv", "massv-async"}  # before vLLM's loop, the "before" column
 
 
 def test_jobs_fit_a_device_call():
@@ -163,9 +167,14 @@ def test_a_job_past_the_time_limit_is_killed_and_its_partial_results_archived(
     )
     monkeypatch.setitem(gpu_jobs.JOBS, "hang", gpu_jobs.Job((sys.executable, "-c", hang, "{out}"), 1, "test"))
     t0 = time.monotonic()
-    assert gpu_jobs.main(["run", "hang", "--time-limit", "3"]) == 1
+    ok = "import pathlib,sys; pathlib.Path(sys.argv[1]).mkdir(parents=True)"
+    monkeypatch.setitem(gpu_jobs.JOBS, "next", gpu_jobs.Job((sys.executable, "-c", ok, "{out}"), 1, "test"))
+    assert gpu_jobs.main(["run", "hang", "next", "--time-limit", "3"]) == 2
     assert time.monotonic() - t0 < 30  # the hanging child did not keep the pipe open
     assert "hang: exit -9" in (tmp_path / "hang.log").read_text()
+    # the job after it found no time left: not started (the next call of the lease runs it)
+    assert "next: not started, the time limit was reached" in (tmp_path / "next.log").read_text()
+    assert not (tmp_path / "work" / "next").exists() and not (tmp_path / "next.tgz").exists()
     with tarfile.open(tmp_path / "hang.tgz") as tar:
         assert tar.getnames() == ["hang", "hang/first.json"]
 

@@ -897,6 +897,7 @@ def run_cost(
         if trace_dir:
             trace_dir.mkdir(parents=True, exist_ok=True)
         env = job_env(shapes.family, mode, spec)
+        t0 = time.perf_counter()
         with pinned(cpus):
             res = run_job(
                 model,
@@ -910,6 +911,8 @@ def run_cost(
                 profile_steps=profile_steps,
                 trace_dir=trace_dir,
             )
+        # start, measurement and shutdown: what a GPU session has to budget per engine
+        res["wall_s"] = time.perf_counter() - t0
         record = {"key": key, "name": name, "env": caller_env | (env or {}), "machine": machine_id(), **res}
         if name == "target":
             record["target_key"] = target_key
@@ -932,6 +935,7 @@ def run_cost(
         "engines": {
             k: {
                 "startup_s": v["startup_s"],
+                "wall_s": v.get("wall_s"),
                 "zeroed": v["zeroed"],
                 "cpus": v.get("engine_cpus"),
                 "env": v.get("env", {}),
@@ -1037,6 +1041,7 @@ SCHEMA = {
     "engines": MapOf(
         {
             "startup_s": NUM,
+            "wall_s": Opt(NUM),
             "zeroed": MapOf(ListOf(str)),
             "cpus": Opt(ListOf(int)),
             "env": MapOf(str),
@@ -1302,6 +1307,12 @@ def format_report(doc: dict[str, Any]) -> str:
                     "(host ms include nested phases)",
                 )
             )
+    walls = sorted(v["wall_s"] for v in doc.get("engines", {}).values() if v.get("wall_s") is not None)
+    if walls:  # what the next GPU session has to plan for (start-up alone leaves out the rest)
+        out.append(
+            f"engine time: {len(walls)} engines, {sum(walls):.0f} s in all, "
+            f"{statistics.median(walls):.0f} s median, {walls[-1]:.0f} s longest (start, measure, shut down)"
+        )
     return "\n\n".join(out)
 
 

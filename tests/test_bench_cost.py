@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -567,8 +568,27 @@ def test_a_run_resumed_on_another_machine_is_flagged(tmp_path, monkeypatch, caps
     assert second["engines"]["stock-g2"]["machine"] == "aaaaaaaa-1"
     assert check_schema(doc, cost.PRESETS_SCHEMA) == []
     report = capsys.readouterr().out
+    assert "engine time: 4 engines" in report  # every engine of a preset, reused or run now
     # once in the second preset's report, once for the side-by-side table of both
     assert report.count("WARNING: these engines ran on 2 machines (boot ids aaaaaaaa, bbbbbbbb)") == 2
+
+
+def test_each_engine_records_its_wall_time(tmp_path, monkeypatch, capsys, two_tiny_presets):
+    from benchmarks import cost
+
+    fake = _fake_engines([])
+
+    def slow(*a, **k):  # an engine whose start, measurement and shutdown take 0.2 s
+        time.sleep(0.2)
+        return fake(*a, **k)
+
+    monkeypatch.setattr(cost, "run_job", slow)
+    doc = cost.main(_argv(two_tiny_presets, tmp_path))
+    walls = {n: e["wall_s"] for n, e in doc["runs"]["tiny-qwen"]["engines"].items()}
+    assert sorted(walls) == ["drafter", "massv-g2", "stock-g2", "target"]
+    assert all(0.2 <= w < 5 for w in walls.values())
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("engine time: 4 engines"))
+    assert float(line.split(", ")[1].split()[0]) >= 0.8  # "0.8 s in all" or more
 
 
 def test_machine_id_is_the_boot_id(tmp_path):

@@ -883,7 +883,8 @@ def run_cost(
             shared = json.loads(Path(shared_target).read_text())
             if shared.get("target_key") == target_key:
                 print(f"[cost] target: the same engine as {shared_target}", file=sys.stderr, flush=True)
-                write_json(path, {**shared, "key": key, "shared_from": str(shared_target)})
+                # its wall time stays with the preset that ran it: this run started no engine for it
+                write_json(path, {**shared, "key": key, "shared_from": str(shared_target), "wall_s": None})
                 continue
             print(f"[cost] target: {shared_target} differs (target, settings or prompts): run again",
                   file=sys.stderr, flush=True)  # fmt: skip
@@ -911,9 +912,8 @@ def run_cost(
                 profile_steps=profile_steps,
                 trace_dir=trace_dir,
             )
-        # start, measurement and shutdown: what a GPU session has to budget per engine
-        res["wall_s"] = time.perf_counter() - t0
         record = {"key": key, "name": name, "env": caller_env | (env or {}), "machine": machine_id(), **res}
+        record["wall_s"] = time.perf_counter() - t0  # start, measure, shut down: what a session budgets
         if name == "target":
             record["target_key"] = target_key
         write_json(path, record)  # checkpoint per engine

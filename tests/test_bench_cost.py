@@ -587,6 +587,8 @@ def test_each_engine_records_its_wall_time(tmp_path, monkeypatch, capsys, two_ti
     walls = {n: e["wall_s"] for n, e in doc["runs"]["tiny-qwen"]["engines"].items()}
     assert sorted(walls) == ["drafter", "massv-g2", "stock-g2", "target"]
     assert all(0.2 <= w < 5 for w in walls.values())
+    # the second preset shares the first one's target engine: no wall time of its own
+    assert doc["runs"]["tiny-qwen/3l"]["engines"]["target"]["wall_s"] is None
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("engine time: 4 engines"))
     assert float(line.split(", ")[1].split()[0]) >= 0.8  # "0.8 s in all" or more
 

@@ -19,6 +19,13 @@ import torch
 
 
 def on_gpu() -> bool:
+    """Whether a CUDA GPU is visible, asked through NVML as vLLM asks it (vllm/env_override.py).
+
+    torch's default check goes through the CUDA runtime and marks the process, so that an engine
+    process forked from it later dies with "Cannot re-initialize CUDA in forked subprocess"; vLLM
+    does not see that mark and forks anyway (a benchmark whose first engine came after this call
+    before vLLM was imported, H200, 2026-12-01)."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     return torch.cuda.is_available()
 
 

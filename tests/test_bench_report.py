@@ -91,18 +91,60 @@ def test_run_metadata_matches_its_schema():
         assert meta["git_commit"] in (head.stdout.strip(), head.stdout.strip() + "+dirty")
 
 
-def test_gpu_names_lists_every_device_and_survives_a_broken_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"NVIDIA H200 #{i}")
-    assert gpu_names() == ["NVIDIA H200 #0", "NVIDIA H200 #1"]
-    assert run_metadata({}, argv=[])["host"]["gpu"] == ["NVIDIA H200 #0", "NVIDIA H200 #1"]
+def _fake_nvidia_smi(tmp_path, monkeypatch, body: str) -> Path:
+    """An ``nvidia-smi`` first on PATH that logs its arguments to ``args.txt`` and runs ``body``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/args.txt"\n{body}\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path / "args.txt"
 
-    def broken(i):
-        raise RuntimeError("CUDA driver initialization failed")
 
-    monkeypatch.setattr(torch.cuda, "get_device_name", broken)
+def test_gpu_names_come_from_nvml_without_initializing_cuda(tmp_path, monkeypatch):
+    # torch.cuda.get_device_name would initialize CUDA here, and vLLM would then spawn every later
+    # engine of the benchmark (~20 s each) instead of forking it.
+    def no_cuda(*_a):
+        raise AssertionError("gpu_names touched torch.cuda")
+
+    for name in ("is_available", "device_count", "get_device_name", "init"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    args = _fake_nvidia_smi(tmp_path, monkeypatch, "printf 'NVIDIA H200\\nNVIDIA H200\\n'")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_names() == ["NVIDIA H200", "NVIDIA H200"]
+    assert run_metadata({}, argv=[])["host"]["gpu"] == ["NVIDIA H200", "NVIDIA H200"]
+    assert args.read_text().splitlines()[0] == "--query-gpu=name --format=csv,noheader"
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # a lane sees one GPU: ask for that one only
+    gpu_names()
+    assert args.read_text().splitlines()[-1].endswith("-i 1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert gpu_names() == []
+
+
+def test_gpu_names_survive_a_broken_driver_or_none(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _fake_nvidia_smi(tmp_path, monkeypatch, "echo 'NVIDIA-SMI has failed' >&2; exit 9")
+    assert gpu_names() == []
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi at all (a CPU machine)
+    assert gpu_names() == []
+
+
+def test_on_gpu_asks_nvml_so_later_engine_forks_survive(monkeypatch):
+    # torch's default check poisons fork: engines forked afterwards died with "Cannot
+    # re-initialize CUDA in forked subprocess" (H200, 2026-12-01).
+    from massv_vllm.engine import on_gpu
+
+    seen = []
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_available",
+        lambda: seen.append(os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")) or True,
+    )
+    assert on_gpu() is True
+    assert seen == ["1"]
 
 
 def tmp_path_like():

@@ -3,6 +3,7 @@
     python3 scripts/gpu_jobs.py list                       # names, expected seconds, what each shows
     python3 scripts/gpu_jobs.py run cost15 fp32-qwen       # on the GPU machine, after the kit's setup
     python3 scripts/gpu_jobs.py lanes async-qwen bf16 --time-limit 560  # one job per GPU, side by side
+    python3 scripts/gpu_jobs.py host                       # is this machine's host fast enough to time on?
 
 Each job runs from the repository root with its output teed to ``$OUT/<job>.log`` (the log comes
 back even when the call times out) and to stdout (the call's output tail). Its results are written
@@ -463,10 +464,56 @@ def run_lanes(lanes: list[list[str]], out: Path, work: Path, deadline: float | N
     return sum(failed)
 
 
+# The engine-process Python loop (``benchmarks.cost_ext.python_speed_us``, median over a run's
+# engines) was 557-578 us in the runs where stock draft_model ran at 5.6-6.7 ms (γ=5) and
+# 712-1092 us where it ran at 7.5-13 ms (benchmarks/results, 2026-11-30 to 2026-12-01); MASSV's
+# own TPOT did not move with it.
+SLOW_HOST_US = 650.0
+
+
+def host_speed(samples: int = 15) -> list[float]:
+    """The Python loop's microseconds, ``samples`` times, each in the same loop the cost engines
+    time, run by a fresh interpreter as an engine process would be."""
+    code = (
+        "import time\nfrom benchmarks.cost_ext import python_speed_us as f\n"
+        f"for _ in range({samples}):\n    print(f())\n    time.sleep(0.1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    return [float(x) for x in out.stdout.split()]
+
+
+def check_host(slow_us: float, samples: int) -> int:
+    """Print this machine's boot id and host speed; 3 when the host is too slow to time on."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    machine = boot.read_text().strip()[:8] if boot.is_file() else "?"
+    us = sorted(host_speed(samples))
+    median = us[len(us) // 2]
+    slow = median > slow_us
+    verdict = (
+        f"SLOW (> {slow_us:.0f} us: stock draft_model ran 1.3-2x slower on such hosts; give the machine back)"
+        if slow
+        else f"fast enough (<= {slow_us:.0f} us)"
+    )
+    print(
+        f"[host] machine {machine}: Python loop {median:.0f} us (median of {len(us)}; "
+        f"{us[0]:.0f}-{us[-1]:.0f}), {verdict}",
+        flush=True,
+    )
+    return 3 if slow else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the jobs")
+    h = sub.add_parser("host", help="is this host fast enough to time host-bound engines on? (exit 3: no)")
+    h.add_argument(
+        "--slow-us",
+        type=float,
+        default=SLOW_HOST_US,
+        help="median Python-loop microseconds above which the host is slow",
+    )
+    h.add_argument("--samples", type=int, default=15)
     r = sub.add_parser("run", help="run jobs in order")
     r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
     ln = sub.add_parser(
@@ -481,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             help="seconds for all the jobs together; a job still running then is killed and archived",
         )
     a = p.parse_args(argv)
+    if a.cmd == "host":
+        return check_host(a.slow_us, a.samples)
     if a.cmd == "list":
         for name, job in JOBS.items():
             print(f"{name:15s} ~{job.seconds:4d} s  {job.shows}")

@@ -137,6 +137,16 @@ def test_jobs_fit_a_device_call():
         assert job.seconds <= 560, name  # one call ends at 600 s
 
 
+def test_the_host_check_times_the_engines_python_loop_and_refuses_a_slow_host(capsys):
+    us = gpu_jobs.host_speed(samples=3)
+    assert len(us) == 3 and all(0 < x < 1e6 for x in us)  # a real loop of 20k additions: µs, not s
+    assert gpu_jobs.main(["host", "--samples", "3", "--slow-us", "1e9"]) == 0
+    assert "fast enough" in capsys.readouterr().out
+    assert gpu_jobs.main(["host", "--samples", "3", "--slow-us", "1"]) == 3
+    out = capsys.readouterr().out
+    assert "SLOW" in out and re.search(r"Python loop \d+ us \(median of 3;", out)
+
+
 def test_a_job_leaves_its_log_and_results_archive_and_failures_are_counted(
     tmp_path, monkeypatch, device_out, capsys
 ):

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cli
-from benchmarks.cost_ext import WATCHDOG_ENV, python_speed_us
+from benchmarks.cost_ext import SLOW_HOST_US, WATCHDOG_ENV, python_speed_us
 from benchmarks.cpus import choose_cpus, pinned
 from benchmarks.report import (
     META_SCHEMA,
@@ -1176,6 +1176,23 @@ def _machines_warning(machines: list[str]) -> list[str]:
     ]
 
 
+def _host_lines(doc: dict[str, Any]) -> list[str]:
+    """The host's speed in this run: the engines' Python loop, median over every timed cell, and a
+    warning when it is slow enough that host-bound engines (stock ``draft_model``, the drafter
+    alone) are timed 1.3-2x slow while MASSV's GPU-bound step is not (2026-12-01, fourth session)."""
+    us = [c["python_us"] for r in doc.get("e2e", []) for c in r.get("cpu_repeats", []) if c.get("python_us")]
+    if not us:
+        return []
+    median = statistics.median(us)
+    lines = [f"host: the engines' Python loop took {median:.0f} µs (median of {len(us)} repeats)"]
+    if median > SLOW_HOST_US:
+        lines.append(
+            f"WARNING: a slow host (> {SLOW_HOST_US:.0f} µs): stock draft_model and the drafter alone "
+            "ran 1.3-2x slower on such hosts, MASSV did not; compare stock with runs on fast hosts"
+        )
+    return lines
+
+
 def _spread(xs: list[float]) -> str:
     """(max - min) / median of a cell's repeats, in percent ("-" with fewer than two)."""
     if len(xs) < 2:
@@ -1189,6 +1206,7 @@ def format_report(doc: dict[str, Any]) -> str:
     mals = [float(m) for m in settings.get("mals", [])]
     out = [f"run and engines pinned to CPUs {settings['cpus']}"] if settings.get("cpus") else []
     out += _machines_warning(doc.get("machines", []))
+    out += _host_lines(doc)
     if settings.get("massv_env"):
         out.append("set for every engine: " + " ".join(f"{k}={v}" for k, v in settings["massv_env"].items()))
     rows = [[k, *[fmt(v.get(str(b)), 3) for b in bs]] for k, v in doc["step_ms"].items()]

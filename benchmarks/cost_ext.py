@@ -146,6 +146,12 @@ def decode_batch(scheduler_output: Any) -> int:
     return len(counts)
 
 
+# ``python_speed_us`` in the engine processes, median over a run's engines: 557-578 us in the runs
+# where stock draft_model ran at 5.6-6.7 ms (γ=5), 712-1092 us where it ran at 7.5-13 ms
+# (benchmarks/results, 2026-11-30 to 2026-12-01); MASSV's TPOT did not move with it.
+SLOW_HOST_US = 650.0
+
+
 def python_speed_us(n: int = 20_000, tries: int = 5) -> float:
     """Microseconds a fixed pure-Python loop of ``n`` additions takes, best of ``tries``. A spec
     step is host-bound Python, and on the GPU machine (a VM) whole repeats ran ~1.6x slower

@@ -464,29 +464,26 @@ def run_lanes(lanes: list[list[str]], out: Path, work: Path, deadline: float | N
     return sum(failed)
 
 
-# The engine-process Python loop (``benchmarks.cost_ext.python_speed_us``, median over a run's
-# engines) was 557-578 us in the runs where stock draft_model ran at 5.6-6.7 ms (γ=5) and
-# 712-1092 us where it ran at 7.5-13 ms (benchmarks/results, 2026-11-30 to 2026-12-01); MASSV's
-# own TPOT did not move with it.
-SLOW_HOST_US = 650.0
-
-
-def host_speed(samples: int = 15) -> list[float]:
-    """The Python loop's microseconds, ``samples`` times, each in the same loop the cost engines
-    time, run by a fresh interpreter as an engine process would be."""
+def host_speed(samples: int = 15) -> tuple[list[float], float]:
+    """The Python loop's microseconds, ``samples`` times, and the slow-host threshold
+    (``benchmarks.cost_ext``): the loop the cost engines time, run by a fresh interpreter as an
+    engine process would be."""
     code = (
-        "import time\nfrom benchmarks.cost_ext import python_speed_us as f\n"
-        f"for _ in range({samples}):\n    print(f())\n    time.sleep(0.1)\n"
+        "import time\nfrom benchmarks.cost_ext import SLOW_HOST_US, python_speed_us as f\n"
+        f"print(SLOW_HOST_US)\nfor _ in range({samples}):\n    print(f())\n    time.sleep(0.1)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    return [float(x) for x in out.stdout.split()]
+    threshold, *us = (float(x) for x in out.stdout.split())
+    return us, threshold
 
 
-def check_host(slow_us: float, samples: int) -> int:
+def check_host(slow_us: float | None, samples: int) -> int:
     """Print this machine's boot id and host speed; 3 when the host is too slow to time on."""
     boot = Path("/proc/sys/kernel/random/boot_id")
     machine = boot.read_text().strip()[:8] if boot.is_file() else "?"
-    us = sorted(host_speed(samples))
+    us, threshold = host_speed(samples)
+    slow_us = threshold if slow_us is None else slow_us
+    us.sort()
     median = us[len(us) // 2]
     slow = median > slow_us
     verdict = (
@@ -510,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument(
         "--slow-us",
         type=float,
-        default=SLOW_HOST_US,
-        help="median Python-loop microseconds above which the host is slow",
+        default=None,
+        help="median Python-loop microseconds above which the host is slow (default: benchmarks.cost_ext's)",
     )
     h.add_argument("--samples", type=int, default=15)
     r = sub.add_parser("run", help="run jobs in order")

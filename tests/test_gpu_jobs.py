@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.cost_ext import SLOW_HOST_US
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 gpu_jobs = importlib.import_module("gpu_jobs")
@@ -138,8 +140,9 @@ def test_jobs_fit_a_device_call():
 
 
 def test_the_host_check_times_the_engines_python_loop_and_refuses_a_slow_host(capsys):
-    us = gpu_jobs.host_speed(samples=3)
+    us, threshold = gpu_jobs.host_speed(samples=3)
     assert len(us) == 3 and all(0 < x < 1e6 for x in us)  # a real loop of 20k additions: µs, not s
+    assert threshold == SLOW_HOST_US
     assert gpu_jobs.main(["host", "--samples", "3", "--slow-us", "1e9"]) == 0
     assert "fast enough" in capsys.readouterr().out
     assert gpu_jobs.main(["host", "--samples", "3", "--slow-us", "1"]) == 3

@@ -760,7 +760,9 @@ def job_env(family: str, mode: str, spec: dict[str, Any] | None) -> dict[str, st
 
     - the ``spawn`` start method for the engine process: forked Gemma3-12B engines stalled in
       start-up or died with "Cannot re-initialize CUDA in forked subprocess" on the H200
-      (2026-11-30, first pass of the eighth session), spawned ones started;
+      (2026-11-30, first pass of the eighth session), spawned ones started (the error was most
+      likely this process's own ``torch.cuda.is_available()``, NVML-based since ec0cc96; kept
+      until a Gemma3 run shows forked engines start);
     - without a drafter, vLLM's V1 model runner, which every speculative engine runs on anyway
       (Model Runner V2 refuses ``draft_model``);
     - for the stock ``draft_model`` engine, the KV-window fix (``MASSV_PATCH_KV_WINDOWS=always``;

@@ -464,24 +464,24 @@ def run_lanes(lanes: list[list[str]], out: Path, work: Path, deadline: float | N
     return sum(failed)
 
 
-def host_speed(samples: int = 15) -> tuple[list[float], float]:
-    """The Python loop's microseconds, ``samples`` times, and the slow-host threshold
-    (``benchmarks.cost_ext``): the loop the cost engines time, run by a fresh interpreter as an
-    engine process would be."""
+def host_speed(samples: int = 15) -> tuple[list[float], float, str]:
+    """The Python loop's microseconds, ``samples`` times, the slow-host threshold
+    (``benchmarks.cost_ext``) and the machine's boot id (``benchmarks.report.machine_id``): the
+    loop the cost engines time, run by a fresh interpreter as an engine process would be."""
     code = (
         "import time\nfrom benchmarks.cost_ext import SLOW_HOST_US, python_speed_us as f\n"
-        f"print(SLOW_HOST_US)\nfor _ in range({samples}):\n    print(f())\n    time.sleep(0.1)\n"
+        "from benchmarks.report import machine_id\n"
+        f"print(machine_id() or '?')\nprint(SLOW_HOST_US)\nfor _ in range({samples}):\n"
+        "    print(f())\n    time.sleep(0.1)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    threshold, *us = (float(x) for x in out.stdout.split())
-    return us, threshold
+    machine, threshold, *us = out.stdout.split()
+    return [float(x) for x in us], float(threshold), machine
 
 
 def check_host(slow_us: float | None, samples: int) -> int:
     """Print this machine's boot id and host speed; 3 when the host is too slow to time on."""
-    boot = Path("/proc/sys/kernel/random/boot_id")
-    machine = boot.read_text().strip()[:8] if boot.is_file() else "?"
-    us, threshold = host_speed(samples)
+    us, threshold, machine = host_speed(samples)
     slow_us = threshold if slow_us is None else slow_us
     us.sort()
     median = us[len(us) // 2]
@@ -492,7 +492,7 @@ def check_host(slow_us: float | None, samples: int) -> int:
         else f"fast enough (<= {slow_us:.0f} us)"
     )
     print(
-        f"[host] machine {machine}: Python loop {median:.0f} us (median of {len(us)}; "
+        f"[host] machine {machine[:8]}: Python loop {median:.0f} us (median of {len(us)}; "
         f"{us[0]:.0f}-{us[-1]:.0f}), {verdict}",
         flush=True,
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.cost_ext import SLOW_HOST_US
+from benchmarks.report import machine_id
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -140,9 +141,10 @@ def test_jobs_fit_a_device_call():
 
 
 def test_the_host_check_times_the_engines_python_loop_and_refuses_a_slow_host(capsys):
-    us, threshold = gpu_jobs.host_speed(samples=3)
+    us, threshold, machine = gpu_jobs.host_speed(samples=3)
     assert len(us) == 3 and all(0 < x < 1e6 for x in us)  # a real loop of 20k additions: µs, not s
     assert threshold == SLOW_HOST_US
+    assert machine == (machine_id() or "?")
     assert gpu_jobs.main(["host", "--samples", "3", "--slow-us", "1e9"]) == 0
     assert "fast enough" in capsys.readouterr().out
     assert gpu_jobs.main(["host", "--samples", "3", "--slow-us", "1"]) == 3

@@ -190,6 +190,15 @@ JOBS: dict[str, Job] = {
         560,
         "Gemma3-12B + Gemma3-1B shapes, γ 3 and 5 (issue 12)",
     ),
+    # Without async scheduling MASSV's γ=3 step is 1.08 / 1.11x stock's at these shapes (2026-12-01,
+    # fifth session) while its γ=5 step and every async one are below stock's: where does it go?
+    "profile-gemma": Job(
+        _cost(
+            "gemma3-12b/gemma3-1b", "target drafter stock massv", "3", "--batch-sizes", "1", "--profile", "6"
+        ),
+        480,
+        "where a Gemma3-12B + 1B spec step's time goes at γ=3, B=1, stock and MASSV, per phase (issue 12)",
+    ),
     "profile": Job(
         _cost(QWEN15, "target drafter stock massv massv-async", "5", "--profile", "6"),
         420,
@@ -464,15 +473,23 @@ def run_lanes(lanes: list[list[str]], out: Path, work: Path, deadline: float | N
     return sum(failed)
 
 
-def host_speed(samples: int = 15) -> tuple[list[float], float, str]:
-    """The Python loop's microseconds, ``samples`` times, the slow-host threshold
-    (``benchmarks.cost_ext``) and the machine's boot id (``benchmarks.report.machine_id``): the
-    loop the cost engines time, run by a fresh interpreter as an engine process would be."""
+# Seconds between the host check's samples. Which of a machine's vCPUs run Python at half speed
+# changes every 1-2 s (2026-12-01, fifth session: 20 sweeps over all 16 CPUs, 1.7 s apart, found
+# 2-10 slow CPUs, a different set each time), so samples taken within one such period measure one
+# moment of the machine, not the share of time an engine would run slow. 50 samples span ~10 s.
+HOST_SAMPLE_INTERVAL_S = 0.2
+
+
+def host_speed(samples: int = 50) -> tuple[list[float], float, str]:
+    """The Python loop's microseconds, ``samples`` times ``HOST_SAMPLE_INTERVAL_S`` apart, the
+    slow-host threshold (``benchmarks.cost_ext``) and the machine's boot id
+    (``benchmarks.report.machine_id``): the loop the cost engines time, run by a fresh interpreter
+    as an engine process would be."""
     code = (
         "import time\nfrom benchmarks.cost_ext import SLOW_HOST_US, python_speed_us as f\n"
         "from benchmarks.report import machine_id\n"
         f"print(machine_id() or '?')\nprint(SLOW_HOST_US)\nfor _ in range({samples}):\n"
-        "    print(f())\n    time.sleep(0.1)\n"
+        f"    print(f())\n    time.sleep({HOST_SAMPLE_INTERVAL_S})\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     machine, threshold, *us = out.stdout.split()
@@ -493,7 +510,7 @@ def check_host(slow_us: float | None, samples: int) -> int:
     )
     print(
         f"[host] machine {machine[:8]}: Python loop {median:.0f} us (median of {len(us)}; "
-        f"{us[0]:.0f}-{us[-1]:.0f}), {verdict}",
+        f"{us[0]:.0f}-{us[-1]:.0f}; slow in {sum(x > slow_us for x in us)}), {verdict}",
         flush=True,
     )
     return 3 if slow else 0
@@ -510,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="median Python-loop microseconds above which the host is slow (default: benchmarks.cost_ext's)",
     )
-    h.add_argument("--samples", type=int, default=15)
+    h.add_argument("--samples", type=int, default=50, help=f"{HOST_SAMPLE_INTERVAL_S} s apart")
     r = sub.add_parser("run", help="run jobs in order")
     r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
     ln = sub.add_parser(

@@ -11,6 +11,8 @@ starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
 * ``target``:  the target alone: target decode step time per batch size (and the no-spec baseline);
 * ``drafter``: the small LM alone: drafter decode step time; c = drafter step / target step;
 * ``stock``:   target + the plain small LM through vLLM's stock ``draft_model`` (per γ);
+* ``stock-async``: ``stock`` with ``async_scheduling=True`` (vLLM 0.26 allows it for draft models
+  when asked): the reference of ``massv-async`` at the same settings;
 * ``massv``:   target + the MASSV drafter (same small LM + projector) through ``"massv"`` (per γ);
 * ``massv-stockloop``: the same with vLLM's own draft loop (``MASSV_FAST_DRAFT=0``), the "before";
 * ``massv-async``: ``massv`` with ``async_scheduling=True``;
@@ -101,7 +103,8 @@ MASSV_MODES = (
     "massv-parallel-vllmpass",
     "massv-parallel-vllmpass-async",
 )
-JOBS = ("target", "drafter", "stock", *MASSV_MODES)
+STOCK_MODES = ("stock", "stock-async")
+JOBS = ("target", "drafter", *STOCK_MODES, *MASSV_MODES)
 PARALLEL_MODES = tuple(m for m in MASSV_MODES if m.startswith("massv-parallel"))
 # Drafter forwards per spec step: γ sequential ones, or one for parallel drafting.
 DRAFT_FORWARDS = {m: (lambda gamma: 1) for m in PARALLEL_MODES}
@@ -122,7 +125,9 @@ JOB_ENV = {
 # Engine arguments per job on top of the shared ones: "massv-async" overlaps the host's scheduling
 # and input preparation with the GPU (vLLM allows async scheduling for draft models when asked).
 ASYNC = {"async_scheduling": True}
-JOB_KW = {m: ASYNC for m in MASSV_MODES if m.endswith("-async")}
+JOB_KW = {m: ASYNC for m in (*STOCK_MODES, *MASSV_MODES) if m.endswith("-async")}
+# Each MASSV mode's TPOT is reported over the stock engine of the same scheduling.
+STOCK_OF = {"massv": "stock", "massv-stockloop": "stock", "massv-async": "stock-async"}
 # Speculative-config keys per job on top of the MASSV drafter and γ.
 PARALLEL = {"parallel_drafting": True}
 JOB_SPEC = {m: PARALLEL for m in PARALLEL_MODES}
@@ -773,7 +778,7 @@ def job_env(family: str, mode: str, spec: dict[str, Any] | None) -> dict[str, st
         env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
         if spec is None:
             env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        elif mode == "stock":
+        elif mode in STOCK_MODES:
             env["MASSV_PATCH_KV_WINDOWS"] = "always"
     return env or None
 
@@ -869,9 +874,10 @@ def run_cost(
     if "drafter" in jobs:
         plan.append(("drafter", shapes.small_lm, None))
     for g in gammas:
-        if "stock" in jobs:
-            spec = {"method": "draft_model", "model": str(shapes.small_lm), "num_speculative_tokens": g}
-            plan.append((f"stock-g{g}", shapes.target, spec))
+        for mode in STOCK_MODES:
+            if mode in jobs:
+                spec = {"method": "draft_model", "model": str(shapes.small_lm), "num_speculative_tokens": g}
+                plan.append((f"{mode}-g{g}", shapes.target, spec))
         for mode in MASSV_MODES:
             if mode in jobs:
                 spec = massv_spec(str(shapes.drafter), g, **JOB_SPEC.get(mode, {}))
@@ -1026,8 +1032,8 @@ def summarise(
     overhead = []
     for g in gammas:
         for b in batch_sizes:
-            for mode in ("massv", "massv-stockloop"):
-                s, m = tpot(f"stock-g{g}", b), tpot(f"{mode}-g{g}", b)
+            for mode, stock in STOCK_OF.items():
+                s, m = tpot(f"{stock}-g{g}", b), tpot(f"{mode}-g{g}", b)
                 if s and m:
                     overhead.append(
                         {"mode": mode, "gamma": g, "batch_size": b, "massv_over_stock_tpot": m / s}
@@ -1136,8 +1142,9 @@ def format_presets_report(doc: dict[str, Any]) -> str:
     rows = []
     for preset, d in doc["runs"].items():
         e2e = {(r["mode"], r["gamma"], r["batch_size"]): r for r in d["e2e"]}
-        over = {(r["gamma"], r["batch_size"]): r["massv_over_stock_tpot"] for r in d["massv_overhead"]
-                if r["mode"] == "massv"}  # fmt: skip
+        over = {
+            (r["mode"], r["gamma"], r["batch_size"]): r["massv_over_stock_tpot"] for r in d["massv_overhead"]
+        }
         for (mode, g, b), r in sorted(e2e.items(), key=lambda kv: (kv[0][1] or 0, kv[0][2], kv[0][0])):
             if mode not in ("massv", "massv-async"):
                 continue
@@ -1149,7 +1156,7 @@ def format_presets_report(doc: dict[str, Any]) -> str:
                     g,
                     b,
                     fmt(r["tpot_ms"], 3),
-                    fmt(over.get((g, b)) if mode == "massv" else None, 3),
+                    fmt(over.get((mode, g, b)), 3),
                     fmt(s),
                     fmt(None if not ceiling or s is None else s / ceiling),
                     *[fmt(r["predicted_at_mal"].get(f"{float(t):.2f}")) for t in mals],
@@ -1288,11 +1295,21 @@ def format_report(doc: dict[str, Any]) -> str:
     )
     if doc["massv_overhead"]:
         rows = [
-            [r["mode"], f"γ={r['gamma']}", r["batch_size"], fmt(r["massv_over_stock_tpot"], 3)]
+            [
+                r["mode"],
+                f"γ={r['gamma']}",
+                r["batch_size"],
+                STOCK_OF[r["mode"]],
+                fmt(r["massv_over_stock_tpot"], 3),
+            ]
             for r in doc["massv_overhead"]
         ]
         out.append(
-            format_table(["engine", "", "B", "TPOT / stock"], rows, "MASSV TPOT over the plain draft model's")
+            format_table(
+                ["engine", "", "B", "against", "TPOT / stock"],
+                rows,
+                "MASSV TPOT over the plain draft model's, each at the same scheduling",
+            )
         )
     for job, per_b in doc.get("profile", {}).items():
         for b, prof in per_b.items():

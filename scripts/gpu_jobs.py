@@ -94,8 +94,9 @@ JOBS: dict[str, Job] = {
     # Both drafter sizes in one run (the fast-drafting issue's table): 19 engines, ~40 s each on a
     # warm H200 and up to ~60 s on a fresh one (2026-12-01, second session: ~1200 s in all), so
     # three jobs in one folder, most needed first (the run's key leaves out --jobs, so each part
-    # reuses what the parts before it finished). Every call of the lease runs all three under one
-    # time limit: finished parts cost seconds, a part cut off resumes at its next engine.
+    # reuses what the parts before it finished), and a fourth for stock with async scheduling
+    # (+4 engines). Every call of the lease runs them all under one time limit: finished parts
+    # cost seconds, a part cut off resumes at its next engine.
     "cost-both1": Job(
         _cost(f"{QWEN15} {QWEN05}", "target drafter stock", "3 5"),
         330,
@@ -112,6 +113,12 @@ JOBS: dict[str, Job] = {
         _cost(f"{QWEN15} {QWEN05}", BEFORE_AFTER, "3 5"),
         220,
         "part 3: vLLM's draft loop (the before column), and the one table of both drafters (issue 12)",
+        folder="cost-both",
+    ),
+    "cost-both4": Job(
+        _cost(f"{QWEN15} {QWEN05}", f"{BEFORE_AFTER} stock-async", "3 5"),
+        220,
+        "part 4: stock draft_model with async scheduling, massv-async's reference at the same settings (issue 12)",
         folder="cost-both",
     ),
     "parallel": Job(

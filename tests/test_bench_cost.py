@@ -382,6 +382,7 @@ def test_gemma3_engines_are_spawned_v1_without_a_drafter_and_stock_gets_the_kv_w
     assert job_env("gemma3", "drafter", None) == {**spawn, "VLLM_USE_V2_MODEL_RUNNER": "0"}
     assert job_env("gemma3", "massv", spec) == spawn  # draft_model runs on V1 by itself
     assert job_env("gemma3", "stock", stock) == {**spawn, "MASSV_PATCH_KV_WINDOWS": "always"}
+    assert job_env("gemma3", "stock-async", stock) == {**spawn, "MASSV_PATCH_KV_WINDOWS": "always"}
     assert job_env("qwen2_5_vl", "target", None) is None
     assert job_env("qwen2_5_vl", "stock", stock) is None
     assert job_env("qwen2_5_vl", "massv-stockloop", spec) == {"MASSV_FAST_DRAFT": "0"}
@@ -599,6 +600,42 @@ def test_the_report_names_a_slow_host(tmp_path, monkeypatch, capsys, two_tiny_pr
     report = capsys.readouterr().out
     assert report.count(f"host: the engines' Python loop took {loop_us:.0f} µs") == 2  # per preset
     assert ("WARNING: a slow host (> 650 µs)" in report) is slow
+
+
+def test_massv_async_is_reported_over_stock_with_async_scheduling_too(tmp_path, monkeypatch, capsys):
+    """``stock-async`` is stock ``draft_model`` with vLLM's async scheduling: the reference of
+    ``massv-async`` at the same settings, as ``stock`` is ``massv``'s."""
+    from benchmarks import cost
+
+    kws = {}
+    fake = _fake_engines([])
+
+    def with_async(model, spec, prompts, batch_sizes, steps, repeats, engine_kw, **k):
+        res = fake(model, spec, prompts, batch_sizes, steps, repeats, engine_kw, **k)
+        if spec is not None:  # a spec engine takes 4 ms a token here; with async: stock 2, MASSV 3
+            kws[spec["method"], bool(engine_kw.get("async_scheduling"))] = engine_kw
+            scale = {("draft_model", True): 0.5, ("massv", True): 0.75}.get(
+                (spec["method"], bool(engine_kw.get("async_scheduling"))), 1.0
+            )
+            res["rows"] = [_row(r["batch_size"], r["tpot_ms"] * scale, r["mal"]) for r in res["rows"]]
+        return res
+
+    monkeypatch.setattr(cost, "run_job", with_async)
+    argv = _argv(["tiny-qwen"], tmp_path)
+    i = argv.index("--jobs")
+    argv[i + 1 : i + 5] = ["target", "drafter", "stock", "stock-async", "massv", "massv-async"]
+    doc = cost.main(argv)
+    assert sorted(kws) == [("draft_model", False), ("draft_model", True), ("massv", False), ("massv", True)]
+    over = {(r["mode"], r["batch_size"]): r["massv_over_stock_tpot"] for r in doc["massv_overhead"]}
+    assert over == pytest.approx(
+        {("massv", 1): 1.0, ("massv", 2): 1.0, ("massv-async", 1): 1.5, ("massv-async", 2): 1.5}
+    )
+    assert check_schema(doc, SCHEMA) == []
+    table = capsys.readouterr().out.split(
+        "MASSV TPOT over the plain draft model's, each at the same scheduling"
+    )[1]
+    assert re.search(r"massv-async\s+γ=2\s+1\s+stock-async\s+1\.500", table)
+    assert re.search(r"massv\s+γ=2\s+1\s+stock\s+1\.000", table)
 
 
 def test_each_engine_records_its_wall_time(tmp_path, monkeypatch, capsys, two_tiny_presets):

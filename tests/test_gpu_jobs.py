@@ -124,7 +124,7 @@ def test_the_parts_of_cost_both_are_one_run_in_one_folder_most_needed_first(tmp_
         j = next(k for k in range(i + 1, len(argv)) if argv[k].startswith("--"))
         return argv[:i] + argv[j:], argv[i + 1 : j]
 
-    parts = [without_jobs(gpu_jobs.command(f"cost-both{i}", tmp_path)) for i in (1, 2, 3)]
+    parts = [without_jobs(gpu_jobs.command(f"cost-both{i}", tmp_path)) for i in (1, 2, 3, 4)]
     one = parts[0][0]
     assert all(argv == one for argv, _ in parts)
     assert one[one.index("--out") + 1] == str(tmp_path / "cost-both")
@@ -132,6 +132,7 @@ def test_the_parts_of_cost_both_are_one_run_in_one_folder_most_needed_first(tmp_
     jobs = [set(j) for _, j in parts]
     assert jobs[0] == {"target", "drafter", "stock"}  # the reference every ratio needs
     assert jobs[0] < jobs[1] < jobs[2] == set(gpu_jobs.BEFORE_AFTER.split())
+    assert jobs[3] - jobs[2] == {"stock-async"}  # massv-async's reference, last: the is stock
     assert jobs[1] - jobs[0] == {"massv", "massv-async"}  # before vLLM's loop, the "before" column
 
 

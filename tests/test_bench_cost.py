@@ -5,6 +5,7 @@ Only the last test starts an engine (tiny shapes on CPU, one MASSV engine); it i
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -90,13 +91,17 @@ def test_vllm_accepts_the_real_shape_engine_configs(shapes_root):
     for preset in ("qwen2.5-vl-7b/qwen2.5-1.5b", "gemma3-12b/gemma3-1b"):
         s = write_shape_set(shapes_root, preset)
         extra = {"disable_hybrid_kv_cache_manager": True} if s.family == "gemma3" else {}
-        for spec in (
-            massv_spec(str(s.drafter), 5),
-            {"method": "draft_model", "model": str(s.small_lm), "num_speculative_tokens": 5},
+        for spec, asynchronous in itertools.product(
+            (
+                massv_spec(str(s.drafter), 5),
+                {"method": "draft_model", "model": str(s.small_lm), "num_speculative_tokens": 5},
+            ),
+            (False, True),  # `massv-async`, `stock-async` (vLLM's CPU platform then turns it off)
         ):
             kw = engine_kwargs(
-                str(s.target), spec, load_format="dummy", max_model_len=1024, max_images=1, **extra
-            )
+                str(s.target), spec, load_format="dummy", max_model_len=1024, max_images=1, **extra,
+                **({"async_scheduling": True} if asynchronous else {}),
+            )  # fmt: skip
             cfg = EngineArgs(**kw).create_engine_config()
             assert cfg.speculative_config.method == "draft_model"  # "massv" resolved to vLLM's method
             assert cfg.model_config.dtype == torch.bfloat16

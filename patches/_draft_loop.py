@@ -35,7 +35,8 @@ request: e = 1 bonus slot, or with parallel drafting the bonus slot and γ-1 mas
 graph runs the drafter over n·(γ+1+e) slots and samples at the e new slots of each request. With
 parallel drafting that one pass is the whole proposal.
 
-With ``MASSV_FAST_DRAFT_ONE_GRAPH=1`` (off until measured) steps 2..γ are one graph per proposal
+With ``MASSV_FAST_DRAFT_ONE_GRAPH=1`` (off: 0.8-1.6 % slower than one graph per step on an H200,
+2026-12-01, ``docs/fast-drafting.md``) steps 2..γ are one graph per proposal
 instead of one per step: the attention metadata of a decode step are views of the loop's buffers
 (FlashAttention with ``fast_build``, Triton attention), so they are built once, and the step update
 is vLLM's kernel rewritten in torch ops that read the real batch size from the device
@@ -96,8 +97,9 @@ class DraftDecodeLoop:
         from massv_vllm.patches.envs import switch
 
         self.first_pass_graphs = switch("MASSV_FAST_DRAFT_FIRST_PASS").enabled()
-        # Steps 2..γ as one graph (MASSV_FAST_DRAFT_ONE_GRAPH, off until measured): the step update
-        # reads the batch size from the device (``num_valid``), so one capture serves any batch <= n.
+        # Steps 2..γ as one graph (MASSV_FAST_DRAFT_ONE_GRAPH, off: slower when measured): the step
+        # update reads the batch size from the device (``num_valid``), so one capture serves any
+        # batch <= n.
         self.one_graph = switch("MASSV_FAST_DRAFT_ONE_GRAPH").enabled()
         self.one_graph_calls = 0  # proposals whose steps 2..γ ran that way
         self.gamma = proposer.num_speculative_tokens

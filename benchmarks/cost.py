@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cli
-from benchmarks.cost_ext import SLOW_HOST_US, WATCHDOG_ENV, python_speed_us
+from benchmarks.cost_ext import SLOW_HOST_EFFECT, SLOW_HOST_US, WATCHDOG_ENV, python_speed_us, slow_host
 from benchmarks.cpus import choose_cpus, pinned
 from benchmarks.report import (
     META_SCHEMA,
@@ -1192,12 +1192,12 @@ def _host_lines(doc: dict[str, Any]) -> list[str]:
     us = [c["python_us"] for r in doc.get("e2e", []) for c in r.get("cpu_repeats", []) if c.get("python_us")]
     if not us:
         return []
-    median = statistics.median(us)
+    median, n_slow, slow = slow_host(us)
     lines = [f"host: the engines' Python loop took {median:.0f} µs (median of {len(us)} repeats)"]
-    if median > SLOW_HOST_US:
+    if slow:
         lines.append(
-            f"WARNING: a slow host (> {SLOW_HOST_US:.0f} µs): stock draft_model and the drafter alone "
-            "ran 1.3-2x slower on such hosts, MASSV did not; compare stock with runs on fast hosts"
+            f"WARNING: a slow host (> {SLOW_HOST_US:.0f} µs): {n_slow} of {len(us)} repeats; {SLOW_HOST_EFFECT}; "
+            "compare stock with runs on fast hosts"
         )
     return lines
 

@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -504,30 +503,20 @@ def host_speed(samples: int = 50) -> tuple[list[float], float, str]:
     return [float(x) for x in us], float(threshold), machine
 
 
-# The most samples the host check lets run slow. A median alone let through a machine whose check
-# found 22 of 50 samples slow (636 µs) and whose engines then ran at 919-964 µs, stock draft_model
-# 1.5-2x slow with them (2026-12-01, sixth session): the slow share drifts over minutes, so a
-# machine must be nearly all fast when checked to stay mostly fast for the ~25 min of a session.
-HOST_MAX_SLOW_SHARE = 0.1
+def check_host(slow_us: float | None, samples: int, max_slow_share: float | None = None) -> int:
+    """Print this machine's boot id and host speed; 3 when the host is too slow to time on
+    (``benchmarks.cost_ext.slow_host``, the rule of the cost report's warning)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.cost_ext import SLOW_HOST_EFFECT, SLOW_HOST_SHARE, slow_host
 
-
-def host_verdict(us: list[float], slow_us: float, max_slow_share: float) -> tuple[float, int, bool]:
-    """The samples' median, how many are above ``slow_us``, and whether the host is too slow to
-    time host-bound engines on: its median is above ``slow_us`` or more than ``max_slow_share``
-    of its samples are."""
-    median = statistics.median(us)  # the statistic the cost report's slow-host warning uses
-    n_slow = sum(x > slow_us for x in us)
-    return median, n_slow, median > slow_us or n_slow > max_slow_share * len(us)
-
-
-def check_host(slow_us: float | None, samples: int, max_slow_share: float = HOST_MAX_SLOW_SHARE) -> int:
-    """Print this machine's boot id and host speed; 3 when the host is too slow to time on."""
     us, threshold, machine = host_speed(samples)
     slow_us = threshold if slow_us is None else slow_us
-    median, n_slow, slow = host_verdict(us, slow_us, max_slow_share)
-    limit = f"median <= {slow_us:.0f} us and at most {max_slow_share:.0%} of samples above it"
+    share = SLOW_HOST_SHARE if max_slow_share is None else max_slow_share
+    median, n_slow, slow = slow_host(us, slow_us, share)
+    limit = f"median <= {slow_us:.0f} us and at most {share:.0%} of samples above it"
     verdict = (
-        f"SLOW (needs {limit}: stock draft_model ran 1.3-2x slower on slow hosts; give the machine back)"
+        f"SLOW (needs {limit}: {SLOW_HOST_EFFECT}; give the machine back)"
         if slow
         else f"fast enough ({limit})"
     )
@@ -554,8 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument(
         "--max-slow-share",
         type=float,
-        default=HOST_MAX_SLOW_SHARE,
-        help="the largest share of samples above --slow-us that a fast host may have",
+        default=None,
+        help="the largest share of samples above --slow-us that a fast host may have (default: benchmarks.cost_ext's)",
     )
     r = sub.add_parser("run", help="run jobs in order")
     r.add_argument("jobs", nargs="+", choices=sorted(JOBS))

@@ -13,6 +13,11 @@ starts vLLM with ``load_format="dummy"``. Engines ("jobs"), each started once:
 * ``stock``:   target + the plain small LM through vLLM's stock ``draft_model`` (per γ);
 * ``stock-async``: ``stock`` with ``async_scheduling=True`` (vLLM 0.26 allows it for draft models
   when asked): the reference of ``massv-async`` at the same settings;
+* ``stock-vanilla``: ``stock`` with no massv-vllm code in its engine process (a spawned process
+  under ``VLLM_PLUGINS=""``; checked: its engine reports no patch applied). ``stock`` over it is
+  what massv-vllm's plugin costs a plain ``draft_model`` user. A run with this job spawns every
+  engine, so that the pair differs only in the plugin (Qwen2.5-VL only: vLLM 0.26 does not start a
+  Gemma3-12B + 1B speculative engine without the KV-window fix);
 * ``massv``:   target + the MASSV drafter (same small LM + projector) through ``"massv"`` (per γ);
 * ``massv-stockloop``: the same with vLLM's own draft loop (``MASSV_FAST_DRAFT=0``), the "before";
 * ``massv-async``: ``massv`` with ``async_scheduling=True``;
@@ -103,8 +108,10 @@ MASSV_MODES = (
     "massv-parallel-vllmpass",
     "massv-parallel-vllmpass-async",
 )
-STOCK_MODES = ("stock", "stock-async")
+STOCK_MODES = ("stock", "stock-async", "stock-vanilla")
 JOBS = ("target", "drafter", *STOCK_MODES, *MASSV_MODES)
+# stock-vanilla only when asked: it spawns every engine of its run and has no Gemma3 engine.
+DEFAULT_JOBS = tuple(j for j in JOBS if j != "stock-vanilla")
 PARALLEL_MODES = tuple(m for m in MASSV_MODES if m.startswith("massv-parallel"))
 # Drafter forwards per spec step: γ sequential ones, or one for parallel drafting.
 DRAFT_FORWARDS = {m: (lambda gamma: 1) for m in PARALLEL_MODES}
@@ -113,7 +120,13 @@ DRAFT_FORWARDS = {m: (lambda gamma: 1) for m in PARALLEL_MODES}
 # with its defaults; the others turn one of its switches.
 VLLM_PASS = {"MASSV_FAST_DRAFT_FIRST_PASS": "0"}
 ONE_GRAPH = {"MASSV_FAST_DRAFT_ONE_GRAPH": "1"}
+# "stock-vanilla": no massv-vllm plugin in the engine process. A forked engine would inherit the
+# patches this process already applied or scheduled, so it is spawned, and so is every engine of
+# its run (SPAWN): fork and spawn are not compared.
+SPAWN = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+VANILLA = {"VLLM_PLUGINS": "", **SPAWN}
 JOB_ENV = {
+    "stock-vanilla": VANILLA,
     "massv-stockloop": {"MASSV_FAST_DRAFT": "0"},
     "massv-stepgraphs": VLLM_PASS,
     "massv-stepgraphs-async": VLLM_PASS,
@@ -128,6 +141,8 @@ ASYNC = {"async_scheduling": True}
 JOB_KW = {m: ASYNC for m in (*STOCK_MODES, *MASSV_MODES) if m.endswith("-async")}
 # Each MASSV mode's TPOT is reported over the stock engine of the same scheduling.
 STOCK_OF = {"massv": "stock", "massv-stockloop": "stock", "massv-async": "stock-async"}
+# What the plugin costs stock draft_model: the stock engine over the one without massv-vllm.
+PLUGIN_EFFECT = ("stock", "stock-vanilla")
 # Speculative-config keys per job on top of the MASSV drafter and γ.
 PARALLEL = {"parallel_drafting": True}
 JOB_SPEC = {m: PARALLEL for m in PARALLEL_MODES}
@@ -652,12 +667,18 @@ def run_job(
     # An engine job takes ~45-80 s from its start; past WATCHDOG_S the frontend and the engine
     # process print their Python stacks (the engine's is armed while it starts: cost_ext).
     faulthandler.dump_traceback_later(WATCHDOG_S, file=sys.stderr)
+    # This process loads vLLM's plugins (massv-vllm's among them) once, under the caller's
+    # environment: a job's VLLM_PLUGINS then reaches its engine process only.
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
     t0 = time.perf_counter()
     with engine_env({**(env or {}), WATCHDOG_ENV: str(WATCHDOG_S)}):
         llm = make_llm(str(model), spec, **engine_kw)
     startup = time.perf_counter() - t0
     try:
         engine_cpus = llm.collective_rpc("massv_cpu_affinity")[0]
+        patches = llm.collective_rpc("massv_patches")[0]
         zeroed = llm.collective_rpc("massv_zero_final_norms")[0]
         if not zeroed.get("target") or (spec is not None and not zeroed.get("drafter")):
             raise RuntimeError(
@@ -677,6 +698,7 @@ def run_job(
         "startup_s": startup,
         "zeroed": zeroed,
         "engine_cpus": engine_cpus,
+        "patches": patches,
         "rows": rows,
         "profile": profile,
     }
@@ -775,7 +797,7 @@ def job_env(family: str, mode: str, spec: dict[str, Any] | None) -> dict[str, st
       vLLM 0.26 refuse to start any speculative engine of the pair."""
     env = dict(JOB_ENV.get(mode) or {})
     if family == "gemma3":
-        env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        env.update(SPAWN)
         if spec is None:
             env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         elif mode in STOCK_MODES:
@@ -801,7 +823,7 @@ def run_cost(
     out_dir: str | Path,
     *,
     preset: str = "qwen2.5-vl-7b/qwen2.5-1.5b",
-    jobs: list[str] | tuple[str, ...] = JOBS,
+    jobs: list[str] | tuple[str, ...] = DEFAULT_JOBS,
     gammas: list[int] | tuple[int, ...] = (5,),
     batch_sizes: list[int] | tuple[int, ...] = (1, 8, 32),
     steps: int = 64,
@@ -840,6 +862,11 @@ def run_cost(
         raise ValueError("compile_backend must be 'inductor' (vLLM's default) or 'eager' (no Inductor)")
     out = Path(out_dir)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
+    if preset in PRESETS and PRESETS[preset].family == "gemma3" and "stock-vanilla" in jobs:
+        raise ValueError(
+            "stock-vanilla: vLLM 0.26 does not start a Gemma3 speculative engine without massv-vllm's "
+            "KV-window fix (MASSV_PATCH_KV_WINDOWS), so there is no plugin-free stock engine to time"
+        )
     shapes = write_shape_set(models_dir or out / "models", preset)
     batch_sizes = sorted(set(batch_sizes))
     gammas = sorted(set(gammas))
@@ -864,6 +891,9 @@ def run_cost(
     caller_env = massv_env()
     if caller_env:  # switches set by the caller reach every engine: not reusable under others
         settings["massv_env"] = caller_env
+    spawn_all = "stock-vanilla" in jobs
+    if spawn_all:  # forked engines' results are not reused in such a run
+        settings["start_method"] = "spawn"
     key = _key(settings)
     prompts = _prompts(shapes.target, max(batch_sizes), prompt_len, image_size)
     # The target engine does not depend on the drafter: its key names the target and the prompts.
@@ -906,6 +936,8 @@ def run_cost(
         if trace_dir:
             trace_dir.mkdir(parents=True, exist_ok=True)
         env = job_env(shapes.family, mode, spec)
+        if spawn_all:
+            env = {**(env or {}), **SPAWN}
         t0 = time.perf_counter()
         with pinned(cpus):
             res = run_job(
@@ -919,6 +951,10 @@ def run_cost(
                 env=env,
                 profile_steps=profile_steps,
                 trace_dir=trace_dir,
+            )
+        if mode == "stock-vanilla" and res.get("patches") != []:  # unproven is not plugin-free
+            raise RuntimeError(
+                f"{name}: its engine ran with massv-vllm patches applied ({res.get('patches')})"
             )
         record = {"key": key, "name": name, "env": caller_env | (env or {}), "machine": machine_id(), **res}
         record["wall_s"] = time.perf_counter() - t0  # start, measure, shut down: what a session budgets
@@ -948,6 +984,7 @@ def run_cost(
                 "cpus": v.get("engine_cpus"),
                 "env": v.get("env", {}),
                 "machine": v.get("machine"),
+                "patches": v.get("patches"),  # None: saved before engines reported them
             }
             for k, v in results.items()
         },
@@ -1038,7 +1075,20 @@ def summarise(
                     overhead.append(
                         {"mode": mode, "gamma": g, "batch_size": b, "massv_over_stock_tpot": m / s}
                     )
-    return {"step_ms": step_ms, "cost_ratio": c, "ceiling": ceiling, "e2e": e2e, "massv_overhead": overhead}
+    plugin = []
+    for g in gammas:
+        for b in batch_sizes:
+            s, v = (tpot(f"{mode}-g{g}", b) for mode in PLUGIN_EFFECT)
+            if s and v:
+                plugin.append({"gamma": g, "batch_size": b, "stock_over_vanilla_tpot": s / v})
+    return {
+        "step_ms": step_ms,
+        "cost_ratio": c,
+        "ceiling": ceiling,
+        "e2e": e2e,
+        "massv_overhead": overhead,
+        "plugin_effect": plugin,
+    }
 
 
 SCHEMA = {
@@ -1054,6 +1104,7 @@ SCHEMA = {
             "cpus": Opt(ListOf(int)),
             "env": MapOf(str),
             "machine": Opt(str),
+            "patches": Opt(ListOf(str)),
         }
     ),
     "machines": ListOf(str),
@@ -1087,6 +1138,7 @@ SCHEMA = {
         }
     ),
     "massv_overhead": ListOf({"mode": str, "gamma": int, "batch_size": int, "massv_over_stock_tpot": NUM}),
+    "plugin_effect": ListOf({"gamma": int, "batch_size": int, "stock_over_vanilla_tpot": NUM}),
     "profile": MapOf(
         MapOf(
             {
@@ -1311,6 +1363,18 @@ def format_report(doc: dict[str, Any]) -> str:
                 "MASSV TPOT over the plain draft model's, each at the same scheduling",
             )
         )
+    if doc.get("plugin_effect"):
+        rows = [
+            [f"γ={r['gamma']}", r["batch_size"], fmt(r["stock_over_vanilla_tpot"], 3)]
+            for r in doc["plugin_effect"]
+        ]
+        out.append(
+            format_table(
+                ["", "B", "stock / stock-vanilla"],
+                rows,
+                "stock draft_model's TPOT with massv-vllm's plugin in its engine over without it",
+            )
+        )
     for job, per_b in doc.get("profile", {}).items():
         for b, prof in per_b.items():
             rows = [
@@ -1367,7 +1431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--tiny", action="store_true", help="CPU smoke run: tiny-qwen, few steps, batch 1 and 2, γ=2"
     )
-    p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS))
+    p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(DEFAULT_JOBS))
     p.add_argument("--gammas", type=int, nargs="+", default=None, help="γ per stock/massv engine (default 5)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 8 32")
     p.add_argument(

@@ -26,6 +26,7 @@ import gzip
 import os
 import shutil
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -190,6 +191,11 @@ class CostProbe:
 
     def massv_python_speed_us(self) -> float:
         return python_speed_us()
+
+    def massv_patches(self) -> list[str]:
+        """The massv-vllm patches applied in the engine's process (none without its plugin)."""
+        patches = sys.modules.get("massv_vllm.patches")  # not imported here: that would not apply any
+        return patches.applied() if patches is not None else []
 
     def massv_cpu_affinity(self) -> list[int] | None:
         """The CPUs the engine's process may run on (``benchmarks.cost --cpus`` pins them)."""

@@ -121,6 +121,15 @@ JOBS: dict[str, Job] = {
         "part 4: stock draft_model with async scheduling, massv-async's reference at the same settings (issue 12)",
         folder="cost-both",
     ),
+    # The issue's stock cell (1.5B, γ=5) with and without massv-vllm in the engine process, side
+    # by side on one host: stock's time moves 1.3-2x with the host, so "the plugin does not slow
+    # stock" needs both on the same machine (the vanilla engine is spawned: ~70 s). 15 repeats:
+    # stock's repeats are bimodal on a slow host, the fastest of 15 is its fast mode's time.
+    "cost-plugin": Job(
+        _cost(QWEN15, "stock stock-vanilla", "5", "--repeats", "15"),
+        170,
+        "stock draft_model with and without massv-vllm's plugin in its engine, 1.5B γ=5 (issue 12)",
+    ),
     "parallel": Job(
         _cost(QWEN15, "target drafter massv massv-parallel massv-parallel-async", "3 5 7"),
         480,

@@ -304,6 +304,7 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cost.json").read_text()) == doc
     eng = doc["engines"]["massv-g2"]
     assert eng["zeroed"]["target"] and eng["zeroed"]["drafter"]
+    assert "vllm.v1.spec_decode.draft_model.DraftModelProposer.propose" in eng["patches"]
     # a switch set by the caller is written beside the engine's results and in the report
     assert eng["env"] == {"MASSV_FAST_DRAFT_FIRST_PASS": "1"}
     assert "set for every engine: MASSV_FAST_DRAFT_FIRST_PASS=1" in format_report(doc)
@@ -356,6 +357,22 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
         cost.main(argv)
 
 
+@pytest.mark.engine
+@pytest.mark.slow
+def test_tiny_stock_vanilla_engine_has_no_massv_code(tmp_path):
+    """On vLLM (CPU): the spawned stock-vanilla engine applied no massv-vllm patch (this process
+    has the plugin loaded), and zeroed norms still force full acceptance there."""
+    from benchmarks import cost
+    from massv_vllm.patches import applied
+
+    doc = cost.main(["--tiny", "--jobs", "stock-vanilla", "--batch-sizes", "1", "--out", str(tmp_path)])
+    assert applied()  # this process runs with massv-vllm's patches
+    eng = doc["engines"]["stock-vanilla-g2"]
+    assert eng["patches"] == [] and eng["env"]["VLLM_PLUGINS"] == ""
+    (row,) = [r for r in doc["e2e"] if r["mode"] == "stock-vanilla"]
+    assert row["mal"] == pytest.approx(3.0) and row["all_tokens_zero"]
+
+
 @pytest.mark.parametrize("gammas", [[5], [3, 5], [3, 5, 7]])
 def test_capture_sizes_cover_every_measured_forward_after_vllms_rounding(gammas):
     """Each forward of a measured step gets a CUDA graph padded by less than one step's tokens:
@@ -391,6 +408,8 @@ def test_gemma3_engines_are_spawned_v1_without_a_drafter_and_stock_gets_the_kv_w
     assert job_env("qwen2_5_vl", "target", None) is None
     assert job_env("qwen2_5_vl", "stock", stock) is None
     assert job_env("qwen2_5_vl", "massv-stockloop", spec) == {"MASSV_FAST_DRAFT": "0"}
+    # no massv-vllm plugin in its engine: spawned (a forked one inherits this process's patches)
+    assert job_env("qwen2_5_vl", "stock-vanilla", stock) == {"VLLM_PLUGINS": "", **spawn}
 
 
 def test_only_gemma3_speculative_engines_turn_the_hybrid_kv_manager_off():
@@ -669,3 +688,68 @@ def test_machine_id_is_the_boot_id(tmp_path):
     (tmp_path / "boot_id").write_text("6b013186-cf55\n")
     assert machine_id(str(tmp_path / "boot_id")) == "6b013186-cf55"
     assert machine_id(str(tmp_path / "absent")) is None
+
+
+def _vanilla_engines(envs, patched_vanilla=False):
+    """``_fake_engines`` that records each engine's environment and reports the patches its
+    process applied: none under ``VLLM_PLUGINS=""`` (unless ``patched_vanilla``). A plugin-free
+    speculative engine decodes in 0.8x the time of the one with the plugin."""
+    fake = _fake_engines([])
+
+    def run_job(model, spec, prompts, batch_sizes, steps, repeats, engine_kw, env=None, **k):
+        res = fake(model, spec, prompts, batch_sizes, steps, repeats, engine_kw, **k)
+        envs.append(env or {})
+        vanilla = (env or {}).get("VLLM_PLUGINS") == ""
+        res["patches"] = ["DraftModelProposer.propose"] if patched_vanilla or not vanilla else []
+        if vanilla and spec is not None:
+            res["rows"] = [_row(r["batch_size"], r["tpot_ms"] * 0.8, r["mal"]) for r in res["rows"]]
+        return res
+
+    return run_job
+
+
+def _vanilla_argv(out):
+    argv = _argv(["tiny-qwen"], out)
+    i = argv.index("--jobs")
+    argv[i + 1 : i + 5] = ["target", "stock", "stock-vanilla"]
+    return argv
+
+
+def test_stock_vanilla_runs_without_the_plugin_and_every_engine_of_its_run_is_spawned(
+    tmp_path, monkeypatch, capsys
+):
+    from benchmarks import cost
+
+    envs = []
+    monkeypatch.setattr(cost, "run_job", _vanilla_engines(envs))
+    doc = cost.main(_vanilla_argv(tmp_path))
+    # target, stock, stock-vanilla: all spawned, so stock and stock-vanilla differ only in the plugin
+    assert [e.get("VLLM_WORKER_MULTIPROC_METHOD") for e in envs] == ["spawn"] * 3
+    assert [e.get("VLLM_PLUGINS") for e in envs] == [None, None, ""]
+    assert doc["engines"]["stock-vanilla-g2"]["patches"] == []
+    assert doc["engines"]["stock-g2"]["patches"] == ["DraftModelProposer.propose"]
+    effect = {(r["gamma"], r["batch_size"]): r["stock_over_vanilla_tpot"] for r in doc["plugin_effect"]}
+    assert effect == pytest.approx({(2, 1): 1.25, (2, 2): 1.25})
+    assert check_schema(doc, SCHEMA) == []
+    table = capsys.readouterr().out.split("with massv-vllm's plugin in its engine over without it")[1]
+    assert re.search(r"γ=2\s+1\s+1\.250", table)
+    # a forked run's results are not reused by a run that spawns its engines
+    assert doc["meta"]["settings"]["start_method"] == "spawn"
+
+
+def test_a_stock_vanilla_engine_that_reports_patches_fails_the_run(tmp_path, monkeypatch):
+    from benchmarks import cost
+
+    monkeypatch.setattr(cost, "run_job", _vanilla_engines([], patched_vanilla=True))
+    with pytest.raises(RuntimeError, match=r"stock-vanilla-g2: .*patches applied.*DraftModelProposer"):
+        cost.main(_vanilla_argv(tmp_path))
+    assert not (tmp_path / "jobs" / "stock-vanilla-g2.json").exists()  # never reused as plugin-free
+
+
+def test_stock_vanilla_is_refused_for_gemma3_before_any_engine(tmp_path, monkeypatch):
+    from benchmarks import cost
+
+    monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("an engine started"))
+    with pytest.raises(ValueError, match="stock-vanilla: .*Gemma3"):
+        cost.run_cost(tmp_path, preset="gemma3-12b/gemma3-1b", jobs=["stock", "stock-vanilla"])
+    assert not (tmp_path / "models").exists()

@@ -194,7 +194,7 @@ class CostProbe:
 
     def massv_patches(self) -> list[str]:
         """The massv-vllm patches applied in the engine's process (none without its plugin)."""
-        patches = sys.modules.get("massv_vllm.patches")  # not imported here: that would not apply any
+        patches = sys.modules.get("massv_vllm.patches")  # looked up, not imported into a plugin-free engine
         return patches.applied() if patches is not None else []
 
     def massv_cpu_affinity(self) -> list[int] | None:

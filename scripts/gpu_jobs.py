@@ -123,8 +123,8 @@ JOBS: dict[str, Job] = {
     ),
     # The issue's stock cell (1.5B, γ=5) with and without massv-vllm in the engine process, side
     # by side on one host: stock's time moves 1.3-2x with the host, so "the plugin does not slow
-    # stock" needs both on the same machine (the vanilla engine is spawned: ~70 s). 15 repeats:
-    # stock's repeats are bimodal on a slow host, the fastest of 15 is its fast mode's time.
+    # stock" needs both on the same machine (both engines are spawned: ~70 s each). 15 repeats:
+    # on a slow host stock's repeats are bimodal, and 5 can all land in one mode.
     "cost-plugin": Job(
         _cost(QWEN15, "stock stock-vanilla", "5", "--repeats", "15"),
         170,

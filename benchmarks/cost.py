@@ -35,6 +35,13 @@ Patch switches set by the caller (``MASSV_FAST_DRAFT_FIRST_PASS=0`` ...) reach e
 are part of the run's key, and each engine's switches (the caller's and its job's) are written
 beside its results (``engines.<job>.env`` in ``cost.json``).
 
+``--interleave`` starts the run's engines together (an equal share of GPU memory each) and times
+them in turns, one repeat each, the order reversed every other round: the host's speed, which on
+the GPU machine changes within seconds, then weighs on each engine alike, and the report adds
+*paired* ratios (the median over repeats of the ratio of two repeats timed side by side) to
+``stock / stock-vanilla`` and ``TPOT / stock``. Their MAL is counted in the workers' step logs:
+the engines of one process share vLLM's metrics.
+
 ``--profile N`` also profiles N decode steps of every speculative engine at each batch size (torch
 profiler in the worker, ``benchmarks.cost_ext.CostProbe``) and reports host and GPU milliseconds
 per engine step for each phase: target verify, input preparation, sampling and rejection, each
@@ -62,6 +69,7 @@ timestamps (at B > 1 it carries the prefills of requests that reached the engine
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import hashlib
 import json
@@ -70,6 +78,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -509,10 +518,10 @@ def decode_tpot_ms(outs: list[Any]) -> float | None:
     return statistics.median(per_req) if per_req else None
 
 
-def steady_step_ms(log: list[tuple[float, int]], batch_size: int) -> list[float]:
+def steady_step_ms(log: list[tuple], batch_size: int) -> list[float]:
     """Durations (ms) of the logged engine steps that decode all ``batch_size`` requests and are
-    followed by another such step (``CostProbe.massv_steps_start``: (start time, decode batch))."""
-    return [(t1 - t0) * 1e3 for (t0, b0), (t1, b1) in zip(log, log[1:]) if b0 == b1 == batch_size]
+    followed by another such step (``CostProbe.massv_steps_start``: (start time, decode batch, ...))."""
+    return [(b[0] - a[0]) * 1e3 for a, b in zip(log, log[1:]) if a[1] == b[1] == batch_size]
 
 
 # cgroup v2, then v1: CPU-quota throttling of this container (microseconds, nanoseconds)
@@ -566,6 +575,74 @@ def fmt_share(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:.1f}%"
 
 
+def _repeat(llm: Any, batch: list[Any], n: int, tokens_per_step: int, label: str = "") -> dict[str, Any]:
+    """One timed repeat at ``len(batch)`` requests: a one-token run (the prefill time), then ``n + 1``
+    tokens with every engine step logged in the worker."""
+    b = len(batch)
+    t1, _ = _timed(llm, batch, 1)
+    speed = llm.collective_rpc("massv_python_speed_us")[0]  # before and after, outside the timing
+    # The same loop here, in the frontend process: a slower host slows both; something in
+    # the engine process (a thread holding the GIL) only the engine's.
+    front = python_speed_us()
+    llm.collective_rpc("massv_steps_start")
+    h0 = host_sample()
+    tn, outs = _timed(llm, batch, n + 1)
+    cpu = host_shares(h0, host_sample())
+    log = llm.collective_rpc("massv_steps_stop")[0]
+    periods = steady_step_ms(log, b)
+    cpu["python_us"] = (speed + llm.collective_rpc("massv_python_speed_us")[0]) / 2
+    cpu["frontend_python_us"] = (front + python_speed_us()) / 2
+    if not periods:
+        raise RuntimeError(
+            f"no two consecutive engine steps decoded all {b} requests: raise --steps ({n} tokens)"
+        )
+    rep = {
+        "t1": t1,
+        "tn": tn,
+        "engine": decode_tpot_ms(outs),
+        "steady": statistics.median(periods) / tokens_per_step,
+        "count": len(periods),
+        "cpu": cpu,
+        # request-steps that decoded (logs saved before this count existed have none)
+        "decoding": sum(e[2] for e in log) if all(len(e) > 2 for e in log) else None,
+        "zero": all(t == 0 for o in outs for t in o.outputs[0].token_ids),
+    }
+    print(
+        f"[cost]   {label}B={b}: TPOT {rep['steady']:.3f} ms, CPU steal {fmt_share(cpu['steal'])}"
+        f" busy {fmt_share(cpu['busy'])} throttled {fmt(cpu['throttled_ms'])} ms,"
+        f" Python loop: engine process {cpu['python_us']:.0f} µs,"
+        f" frontend {cpu['frontend_python_us']:.0f} µs",
+        file=sys.stderr,
+        flush=True,
+    )
+    return rep
+
+
+def _row(b: int, n: int, reps: list[dict[str, Any]], mal: float | None) -> dict[str, Any]:
+    """One batch size's result from its repeats (``_repeat``)."""
+    have = [r["engine"] for r in reps if r["engine"] is not None]
+    t1, tn = statistics.median(r["t1"] for r in reps), statistics.median(r["tn"] for r in reps)
+    steady = [r["steady"] for r in reps]
+    return {
+        "batch_size": b,
+        "prefill_s": t1,
+        "tpot_ms": statistics.median(steady),
+        "tpot_ms_repeats": steady,
+        "steady_steps": [r["count"] for r in reps],
+        "cpu_repeats": [r["cpu"] for r in reps],
+        "engine_tpot_ms": statistics.median(have) if have else None,
+        "wall_tpot_ms": max(tn - t1, 0.0) / n * 1e3,
+        "decode_tokens": n,
+        "mal": mal,
+        "all_tokens_zero": all(r["zero"] for r in reps),
+    }
+
+
+def decode_tokens(steps: int, tokens_per_step: int) -> int:
+    """Decode tokens timed per repeat: ``steps`` rounded up to whole forced-acceptance steps."""
+    return -(-steps // tokens_per_step) * tokens_per_step
+
+
 def measure(
     llm: Any, prompts: list[Any], batch_sizes: list[int], steps: int, repeats: int, tokens_per_step: int = 1
 ) -> list[dict[str, Any]]:
@@ -578,66 +655,54 @@ def measure(
     at B > 1 the request timestamps' TPOT (``engine_tpot_ms``, kept beside it) carries other
     requests' prefills. ``wall_tpot_ms`` is the oldest estimate (n tokens minus one token, over n).
     A spec engine decodes a whole number of forced-acceptance steps, so no step is cut short."""
-    n = -(-steps // tokens_per_step) * tokens_per_step
+    n = decode_tokens(steps, tokens_per_step)
     rows = []
     for b in batch_sizes:
         batch = prompts[:b]
         # progress on stderr, so a stalled engine shows which batch size it stalled in
         print(f"[cost]   B={b}: warm-up, then {repeats} repeats", file=sys.stderr, flush=True)
         _timed(llm, batch, n + 1)  # warm-up at this batch size (graphs, allocator)
-        t1s, tns, engine, steady, counts, cpu = [], [], [], [], [], []
         before = SpecCounters.from_llm(llm)
-        zero = True
-        for _ in range(repeats):
-            t1, _ = _timed(llm, batch, 1)
-            speed = llm.collective_rpc("massv_python_speed_us")[0]  # before and after, outside the timing
-            # The same loop here, in the frontend process: a slower host slows both; something in
-            # the engine process (a thread holding the GIL) only the engine's.
-            front = python_speed_us()
-            llm.collective_rpc("massv_steps_start")
-            h0 = host_sample()
-            tn, outs = _timed(llm, batch, n + 1)
-            cpu.append(host_shares(h0, host_sample()))
-            periods = steady_step_ms(llm.collective_rpc("massv_steps_stop")[0], b)
-            cpu[-1]["python_us"] = (speed + llm.collective_rpc("massv_python_speed_us")[0]) / 2
-            cpu[-1]["frontend_python_us"] = (front + python_speed_us()) / 2
-            if not periods:
-                raise RuntimeError(
-                    f"no two consecutive engine steps decoded all {b} requests: raise --steps ({n} tokens)"
-                )
-            t1s.append(t1)
-            tns.append(tn)
-            engine.append(decode_tpot_ms(outs))
-            steady.append(statistics.median(periods) / tokens_per_step)
-            counts.append(len(periods))
-            zero = zero and all(t == 0 for o in outs for t in o.outputs[0].token_ids)
-            print(
-                f"[cost]   B={b}: TPOT {steady[-1]:.3f} ms, CPU steal {fmt_share(cpu[-1]['steal'])}"
-                f" busy {fmt_share(cpu[-1]['busy'])} throttled {fmt(cpu[-1]['throttled_ms'])} ms,"
-                f" Python loop: engine process {cpu[-1]['python_us']:.0f} µs,"
-                f" frontend {cpu[-1]['frontend_python_us']:.0f} µs",
-                file=sys.stderr,
-                flush=True,
-            )
-        delta = SpecCounters.from_llm(llm) - before
-        t1, tn = statistics.median(t1s), statistics.median(tns)
-        have = [x for x in engine if x is not None]
-        rows.append(
-            {
-                "batch_size": b,
-                "prefill_s": t1,
-                "tpot_ms": statistics.median(steady),
-                "tpot_ms_repeats": steady,
-                "steady_steps": counts,
-                "cpu_repeats": cpu,
-                "engine_tpot_ms": statistics.median(have) if have else None,
-                "wall_tpot_ms": max(tn - t1, 0.0) / n * 1e3,
-                "decode_tokens": n,
-                "mal": delta.mean_accepted_length,
-                "all_tokens_zero": zero,
-            }
-        )
+        reps = [_repeat(llm, batch, n, tokens_per_step) for _ in range(repeats)]
+        rows.append(_row(b, n, reps, (SpecCounters.from_llm(llm) - before).mean_accepted_length))
     return rows
+
+
+def measure_interleaved(
+    engines: dict[str, tuple[Any, int]], prompts: list[Any], batch_sizes: list[int], steps: int, repeats: int
+) -> dict[str, list[dict[str, Any]]]:
+    """``measure`` for engines that run side by side (name -> (LLM, tokens per step)), one repeat
+    of each in turn, the order reversed every other round (A B, B A, ...): the host's speed,
+    which on the GPU machine changes within seconds, then weighs on each engine alike, and
+    repeat i of each engine were timed next to each other (``plugin_effect``'s paired ratio).
+
+    vLLM's metrics live in the frontend process, one set for all of its engines (a new engine
+    unregisters the last one's), so the MAL here is counted in the workers' step logs instead:
+    decoded tokens over the request-steps that decoded them (``decoding_requests``)."""
+    names = list(engines)
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for b in batch_sizes:
+        batch = prompts[:b]
+        print(
+            f"[cost]   B={b}: warm-up of {len(names)} engines, then {repeats} rounds",
+            file=sys.stderr,
+            flush=True,
+        )
+        for llm, tps in engines.values():
+            _timed(llm, batch, decode_tokens(steps, tps) + 1)
+        reps: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for i in range(repeats):
+            for name in names if i % 2 == 0 else names[::-1]:
+                llm, tps = engines[name]
+                reps[name].append(_repeat(llm, batch, decode_tokens(steps, tps), tps, f"{name} "))
+        for name in names:
+            tps = engines[name][1]
+            n = decode_tokens(steps, tps)
+            decoding = [r["decoding"] for r in reps[name]]
+            counted = tps > 1 and None not in decoding and sum(decoding) > 0  # tps 1: no drafter
+            mal = b * n * len(decoding) / sum(decoding) if counted else None
+            out[name].append({**_row(b, n, reps[name], mal), "interleaved": names})
+    return out
 
 
 def profile_decode(
@@ -648,6 +713,45 @@ def profile_decode(
     # a few more steps than profiled: the full-batch decode starts only once every request is in
     _timed(llm, prompts, (steps + 3) * tokens_per_step + 1)
     return llm.collective_rpc("massv_profile_stop", args=(str(trace) if trace else None,))[0]
+
+
+@contextlib.contextmanager
+def started_engine(
+    model: Path, spec: dict[str, Any] | None, engine_kw: dict[str, Any], env: dict[str, str] | None = None
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """An engine with the probe (``CostProbe``), both models' final norms zeroed (forced
+    acceptance), shut down on exit; yields (LLM, what its start recorded)."""
+    # This process loads vLLM's plugins (massv-vllm's among them) once, under the caller's
+    # environment: a job's VLLM_PLUGINS then reaches its engine process only.
+    from vllm.plugins import load_general_plugins
+
+    from massv_vllm.engine import engine_env, make_llm, shutdown
+
+    load_general_plugins()
+    t0 = time.perf_counter()
+    with engine_env({**(env or {}), WATCHDOG_ENV: str(WATCHDOG_S)}):
+        llm = make_llm(str(model), spec, **engine_kw)
+    startup = time.perf_counter() - t0
+    try:
+        info = {
+            "startup_s": startup,
+            "engine_cpus": llm.collective_rpc("massv_cpu_affinity")[0],
+            "patches": llm.collective_rpc("massv_patches")[0],
+            "zeroed": llm.collective_rpc("massv_zero_final_norms")[0],
+        }
+        zeroed = info["zeroed"]
+        if not zeroed.get("target") or (spec is not None and not zeroed.get("drafter")):
+            raise RuntimeError(
+                f"could not find the final norms to zero (found {zeroed}); acceptance is not forced"
+            )
+        yield llm, info
+    finally:
+        shutdown(llm)
+
+
+def tokens_per_step(spec: dict[str, Any] | None) -> int:
+    """Tokens a request gains per engine step at forced acceptance."""
+    return 1 if spec is None else spec["num_speculative_tokens"] + 1
 
 
 def run_job(
@@ -662,46 +766,45 @@ def run_job(
     profile_steps: int = 0,
     trace_dir: Path | None = None,
 ) -> dict[str, Any]:
-    from massv_vllm.engine import engine_env, make_llm, shutdown
-
     # An engine job takes ~45-80 s from its start; past WATCHDOG_S the frontend and the engine
     # process print their Python stacks (the engine's is armed while it starts: cost_ext).
     faulthandler.dump_traceback_later(WATCHDOG_S, file=sys.stderr)
-    # This process loads vLLM's plugins (massv-vllm's among them) once, under the caller's
-    # environment: a job's VLLM_PLUGINS then reaches its engine process only.
-    from vllm.plugins import load_general_plugins
-
-    load_general_plugins()
-    t0 = time.perf_counter()
-    with engine_env({**(env or {}), WATCHDOG_ENV: str(WATCHDOG_S)}):
-        llm = make_llm(str(model), spec, **engine_kw)
-    startup = time.perf_counter() - t0
     try:
-        engine_cpus = llm.collective_rpc("massv_cpu_affinity")[0]
-        patches = llm.collective_rpc("massv_patches")[0]
-        zeroed = llm.collective_rpc("massv_zero_final_norms")[0]
-        if not zeroed.get("target") or (spec is not None and not zeroed.get("drafter")):
-            raise RuntimeError(
-                f"could not find the final norms to zero (found {zeroed}); acceptance is not forced"
-            )
-        per_step = 1 if spec is None else spec["num_speculative_tokens"] + 1  # forced acceptance
-        rows = measure(llm, prompts, batch_sizes, steps, repeats, per_step)
-        profile = {}
-        if profile_steps and spec is not None:
-            for b in batch_sizes:
-                trace = trace_dir / f"trace-b{b}.json.gz" if trace_dir else None
-                profile[str(b)] = profile_decode(llm, prompts[:b], profile_steps, per_step, trace)
+        with started_engine(model, spec, engine_kw, env) as (llm, info):
+            per_step = tokens_per_step(spec)
+            rows = measure(llm, prompts, batch_sizes, steps, repeats, per_step)
+            profile = {}
+            if profile_steps and spec is not None:
+                for b in batch_sizes:
+                    trace = trace_dir / f"trace-b{b}.json.gz" if trace_dir else None
+                    profile[str(b)] = profile_decode(llm, prompts[:b], profile_steps, per_step, trace)
     finally:
         faulthandler.cancel_dump_traceback_later()
-        shutdown(llm)
-    return {
-        "startup_s": startup,
-        "zeroed": zeroed,
-        "engine_cpus": engine_cpus,
-        "patches": patches,
-        "rows": rows,
-        "profile": profile,
-    }
+    return {**info, "rows": rows, "profile": profile}
+
+
+def run_jobs_interleaved(
+    jobs: dict[str, tuple[Path, dict[str, Any] | None, dict[str, Any], dict[str, str] | None]],
+    prompts: list[Any],
+    batch_sizes: list[int],
+    steps: int,
+    repeats: int,
+) -> dict[str, dict[str, Any]]:
+    """``run_job`` for several engines at once (name -> (model, spec, engine_kw, env)): all are
+    started, then measured in turns (``measure_interleaved``); the same result per name."""
+    # the watchdog covers all starts and every round
+    faulthandler.dump_traceback_later(WATCHDOG_S * len(jobs), file=sys.stderr)
+    try:
+        with contextlib.ExitStack() as stack:
+            started = {}
+            for name, (model, spec, kw, env) in jobs.items():
+                print(f"[cost] {name}: starting, to be timed in turns", file=sys.stderr, flush=True)
+                started[name] = stack.enter_context(started_engine(model, spec, kw, env))
+            engines = {name: (llm, tokens_per_step(jobs[name][1])) for name, (llm, _) in started.items()}
+            rows = measure_interleaved(engines, prompts, batch_sizes, steps, repeats)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return {name: {**info, "rows": rows[name], "profile": {}} for name, (_, info) in started.items()}
 
 
 # ---- the whole run --------------------------------------------------------------------------------
@@ -840,9 +943,12 @@ def run_cost(
     cpus: list[int] | None = None,
     argv: list[str] | None = None,
     shared_target: str | Path | None = None,
+    interleave: bool = False,
 ) -> dict[str, Any]:
     """Write the shape set, run the chosen jobs, write cost.json and return it. ``cpus``: pin the
-    run and its engine processes to these CPUs (``choose_cpus``).
+    run and its engine processes to these CPUs (``choose_cpus``). ``interleave``: start the
+    engines together and time them in turns (``measure_interleaved``), each with an equal share of
+    the GPU's memory; the run's key records it.
 
     Each finished engine job is saved in ``out_dir/jobs/``; a later call with the same settings
     reuses it and the report covers every finished job, so the jobs can be split over several
@@ -860,6 +966,14 @@ def run_cost(
         raise ValueError("gammas, batch sizes, steps and repeats must be >= 1")
     if compile_backend not in ("inductor", "eager"):
         raise ValueError("compile_backend must be 'inductor' (vLLM's default) or 'eager' (no Inductor)")
+    n_engines = (
+        ("target" in jobs) + ("drafter" in jobs) + len(set(jobs) - {"target", "drafter"}) * len(set(gammas))
+    )
+    if interleave and (n_engines < 2 or "drafter" in jobs or profile_steps or shared_target):
+        raise ValueError(
+            "interleave times two or more engines that take the same prompts in turns: not the "
+            "drafter alone (text prompts), not with --profile, and one preset per run"
+        )
     out = Path(out_dir)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     if preset in PRESETS and PRESETS[preset].family == "gemma3" and "stock-vanilla" in jobs:
@@ -873,6 +987,8 @@ def run_cost(
     kw = engine_settings(
         shapes.family, batch_sizes, gammas, steps, prompt_len, image_size, compile_backend, engine_kw
     )
+    if interleave and on_gpu() and "gpu_memory_utilization" not in (engine_kw or {}):
+        kw["gpu_memory_utilization"] = round(0.9 / n_engines, 3)  # vLLM's default 0.9, shared
     settings = {
         "preset": preset,
         "gammas": gammas,
@@ -894,6 +1010,8 @@ def run_cost(
     spawn_all = "stock-vanilla" in jobs
     if spawn_all:  # forked engines' results are not reused in such a run
         settings["start_method"] = "spawn"
+    if interleave:
+        settings["interleave"] = True
     key = _key(settings)
     prompts = _prompts(shapes.target, max(batch_sizes), prompt_len, image_size)
     # The target engine does not depend on the drafter: its key names the target and the prompts.
@@ -912,11 +1030,47 @@ def run_cost(
             if mode in jobs:
                 spec = massv_spec(str(shapes.drafter), g, **JOB_SPEC.get(mode, {}))
                 plan.append((f"{mode}-g{g}", shapes.target, spec))
-    for name, model, spec in plan:
+
+    def reusable(name: str) -> bool:
         path = out / "jobs" / f"{name}.json"
-        if not fresh and path.is_file() and json.loads(path.read_text()).get("key") == key:
-            print(f"[cost] {name}: reusing {path}", file=sys.stderr, flush=True)
-            continue
+        return not fresh and path.is_file() and json.loads(path.read_text()).get("key") == key
+
+    todo = [job for job in plan if not reusable(job[0])]
+    if interleave and todo:
+        todo = plan  # timed in turns: all of them, or their repeats are not pairs
+    for name, *_ in plan:
+        if all(name != t[0] for t in todo):
+            print(f"[cost] {name}: reusing {out / 'jobs' / f'{name}.json'}", file=sys.stderr, flush=True)
+
+    def save(name: str, res: dict[str, Any], env: dict[str, str] | None, wall_s: float) -> None:
+        if name.startswith("stock-vanilla-") and res.get("patches") != []:  # unproven is not plugin-free
+            raise RuntimeError(
+                f"{name}: its engine ran with massv-vllm patches applied ({res.get('patches')})"
+            )
+        record = {"key": key, "name": name, "env": caller_env | (env or {}), "machine": machine_id(), **res}
+        record["wall_s"] = wall_s  # start, measure, shut down: what a session budgets
+        if name == "target":
+            record["target_key"] = target_key
+        write_json(out / "jobs" / f"{name}.json", record)  # checkpoint per engine
+
+    def env_of(name: str, spec: dict[str, Any] | None) -> dict[str, str] | None:
+        env = job_env(shapes.family, name.rpartition("-g")[0] or name, spec)
+        return {**(env or {}), **SPAWN} if spawn_all else env
+
+    if interleave and todo:
+        jobs_kw = {
+            name: (model, spec, job_engine_kw(shapes.family, kw, name.rpartition("-g")[0] or name, spec),
+                   env_of(name, spec))
+            for name, model, spec in todo
+        }  # fmt: skip
+        t0 = time.perf_counter()
+        with pinned(cpus):
+            done = run_jobs_interleaved(jobs_kw, prompts, batch_sizes, steps, repeats)
+        for name, res in done.items():  # the run's wall time, shared out
+            save(name, res, jobs_kw[name][3], (time.perf_counter() - t0) / len(done))
+        todo = []
+    for name, model, spec in todo:
+        path = out / "jobs" / f"{name}.json"
         if name == "target" and shared_target and Path(shared_target).is_file():
             shared = json.loads(Path(shared_target).read_text())
             if shared.get("target_key") == target_key:
@@ -935,9 +1089,7 @@ def run_cost(
         trace_dir = out / "traces" / name if profile_steps and trace else None
         if trace_dir:
             trace_dir.mkdir(parents=True, exist_ok=True)
-        env = job_env(shapes.family, mode, spec)
-        if spawn_all:
-            env = {**(env or {}), **SPAWN}
+        env = env_of(name, spec)
         t0 = time.perf_counter()
         with pinned(cpus):
             res = run_job(
@@ -952,15 +1104,7 @@ def run_cost(
                 profile_steps=profile_steps,
                 trace_dir=trace_dir,
             )
-        if mode == "stock-vanilla" and res.get("patches") != []:  # unproven is not plugin-free
-            raise RuntimeError(
-                f"{name}: its engine ran with massv-vllm patches applied ({res.get('patches')})"
-            )
-        record = {"key": key, "name": name, "env": caller_env | (env or {}), "machine": machine_id(), **res}
-        record["wall_s"] = time.perf_counter() - t0  # start, measure, shut down: what a session budgets
-        if name == "target":
-            record["target_key"] = target_key
-        write_json(path, record)  # checkpoint per engine
+        save(name, res, env, time.perf_counter() - t0)
     results = {}
     for path in sorted((out / "jobs").glob("*.json")):
         res = json.loads(path.read_text())
@@ -998,6 +1142,20 @@ def run_cost(
         raise AssertionError("cost.json does not match its schema:\n" + "\n".join(problems))
     write_json(out / "cost.json", doc)
     return doc
+
+
+def paired_ratio(row: dict[str, Any], other: dict[str, Any]) -> float | None:
+    """Median over repeats i of TPOT_i(row) / TPOT_i(other), for two engines timed in turns in one
+    run (``measure_interleaved``), so that each pair of repeats ran seconds apart; None otherwise."""
+    a, b = row.get("tpot_ms_repeats", []), other.get("tpot_ms_repeats", [])
+    if (
+        not a
+        or not row.get("interleaved")
+        or row["interleaved"] != other.get("interleaved")
+        or len(a) != len(b)
+    ):
+        return None
+    return statistics.median([x / y for x, y in zip(a, b)])
 
 
 def summarise(
@@ -1073,14 +1231,30 @@ def summarise(
                 s, m = tpot(f"{stock}-g{g}", b), tpot(f"{mode}-g{g}", b)
                 if s and m:
                     overhead.append(
-                        {"mode": mode, "gamma": g, "batch_size": b, "massv_over_stock_tpot": m / s}
+                        {
+                            "mode": mode,
+                            "gamma": g,
+                            "batch_size": b,
+                            "massv_over_stock_tpot": m / s,
+                            "paired_massv_over_stock": paired_ratio(
+                                rows[f"{mode}-g{g}"][b], rows[f"{stock}-g{g}"][b]
+                            ),
+                        }
                     )
     plugin = []
     for g in gammas:
         for b in batch_sizes:
-            s, v = (tpot(f"{mode}-g{g}", b) for mode in PLUGIN_EFFECT)
+            names = [f"{mode}-g{g}" for mode in PLUGIN_EFFECT]
+            s, v = (tpot(n, b) for n in names)
             if s and v:
-                plugin.append({"gamma": g, "batch_size": b, "stock_over_vanilla_tpot": s / v})
+                plugin.append(
+                    {
+                        "gamma": g,
+                        "batch_size": b,
+                        "stock_over_vanilla_tpot": s / v,
+                        "paired_stock_over_vanilla": paired_ratio(*(rows[n][b] for n in names)),
+                    }
+                )
     return {
         "step_ms": step_ms,
         "cost_ratio": c,
@@ -1137,8 +1311,23 @@ SCHEMA = {
             "predicted_at_mal": MapOf(Opt(NUM)),
         }
     ),
-    "massv_overhead": ListOf({"mode": str, "gamma": int, "batch_size": int, "massv_over_stock_tpot": NUM}),
-    "plugin_effect": ListOf({"gamma": int, "batch_size": int, "stock_over_vanilla_tpot": NUM}),
+    "massv_overhead": ListOf(
+        {
+            "mode": str,
+            "gamma": int,
+            "batch_size": int,
+            "massv_over_stock_tpot": NUM,
+            "paired_massv_over_stock": Opt(NUM),
+        }
+    ),
+    "plugin_effect": ListOf(
+        {
+            "gamma": int,
+            "batch_size": int,
+            "stock_over_vanilla_tpot": NUM,
+            "paired_stock_over_vanilla": Opt(NUM),
+        }
+    ),
     "profile": MapOf(
         MapOf(
             {
@@ -1353,26 +1542,34 @@ def format_report(doc: dict[str, Any]) -> str:
                 r["batch_size"],
                 STOCK_OF[r["mode"]],
                 fmt(r["massv_over_stock_tpot"], 3),
+                fmt(r.get("paired_massv_over_stock"), 3),  # older results lack it
             ]
             for r in doc["massv_overhead"]
         ]
         out.append(
             format_table(
-                ["engine", "", "B", "against", "TPOT / stock"],
+                ["engine", "", "B", "against", "TPOT / stock", "paired"],
                 rows,
-                "MASSV TPOT over the plain draft model's, each at the same scheduling",
+                "MASSV TPOT over the plain draft model's, each at the same scheduling (medians; paired: "
+                "median over repeats of the ratio of two repeats timed in turn, --interleave)",
             )
         )
     if doc.get("plugin_effect"):
         rows = [
-            [f"γ={r['gamma']}", r["batch_size"], fmt(r["stock_over_vanilla_tpot"], 3)]
+            [
+                f"γ={r['gamma']}",
+                r["batch_size"],
+                fmt(r["stock_over_vanilla_tpot"], 3),
+                fmt(r.get("paired_stock_over_vanilla"), 3),  # older results lack it
+            ]
             for r in doc["plugin_effect"]
         ]
         out.append(
             format_table(
-                ["", "B", "stock / stock-vanilla"],
+                ["", "B", "stock / stock-vanilla", "paired"],
                 rows,
-                "stock draft_model's TPOT with massv-vllm's plugin in its engine over without it",
+                "stock draft_model's TPOT with massv-vllm's plugin in its engine over without it (medians;"
+                " paired: median over repeats of the ratio of two repeats timed in turn, --interleave)",
             )
         )
     for job, per_b in doc.get("profile", {}).items():
@@ -1463,6 +1660,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--fresh", action="store_true", help="rerun jobs even if finished results exist")
     p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start the engines together and time them in turns, one repeat each (host drift weighs on "
+        "each alike; paired ratios); each gets an equal share of GPU memory",
+    )
+    p.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -1497,7 +1700,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--tiny runs the tiny preset alone: leave out --preset")
     several = len(a.preset) > 1
     # Named here, not left to cli.forward: run_cost_presets passes them on as **kwargs.
-    by_name = {k: getattr(a, k) for k in ("jobs", "compile_backend", "fresh", "trace", "models_dir")}
+    if a.interleave and several:
+        p.error("--interleave: one preset per run")
+    by_name = {
+        k: getattr(a, k) for k in ("jobs", "compile_backend", "fresh", "trace", "models_dir", "interleave")
+    }
     return cli.run_main(
         run_cost_presets if several else run_cost,
         a,

@@ -148,6 +148,18 @@ def decode_batch(scheduler_output: Any) -> int:
     return len(counts)
 
 
+def decoding_requests(scheduler_output: Any) -> int:
+    """Number of requests that decode in an engine step (one sampled token plus their scheduled
+    draft tokens), prefilling requests beside them or not: the draft steps behind a MAL measured
+    without vLLM's metrics (``measure_interleaved``)."""
+    so = scheduler_output
+    new = {r.req_id for r in so.scheduled_new_reqs}
+    spec = so.scheduled_spec_decode_tokens
+    return sum(
+        1 for r, n in so.num_scheduled_tokens.items() if r not in new and n == 1 + len(spec.get(r, ()))
+    )
+
+
 # ``python_speed_us`` in the engine processes, median over a run's engines: 557-578 us in the runs
 # where stock draft_model ran at 5.6-6.7 ms (γ=5), 712-1092 us where it ran at 7.5-13 ms
 # (benchmarks/results, 2026-11-30 to 2026-12-01); MASSV's TPOT did not move with it.
@@ -212,20 +224,22 @@ class CostProbe:
         return out
 
     def massv_steps_start(self) -> None:
-        """Log every engine step from now on: (start time, ``decode_batch``)."""
+        """Log every engine step from now on: (start time, ``decode_batch``,
+        ``decoding_requests``)."""
         runner = self.model_runner
         fn = runner.execute_model
-        log: list[tuple[float, int]] = []
+        log: list[tuple[float, int, int]] = []
 
         @functools.wraps(fn)
         def logged(scheduler_output, *a, **k):
-            log.append((time.perf_counter(), decode_batch(scheduler_output)))
+            so = scheduler_output
+            log.append((time.perf_counter(), decode_batch(so), decoding_requests(so)))
             return fn(scheduler_output, *a, **k)
 
         runner.execute_model = logged
         self._massv_steps = log
 
-    def massv_steps_stop(self) -> list[tuple[float, int]]:
+    def massv_steps_stop(self) -> list[tuple[float, int, int]]:
         """Stop logging; the log since ``massv_steps_start``."""
         del self.model_runner.execute_model  # the instance attribute: the class method again
         return self._massv_steps

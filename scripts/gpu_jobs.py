@@ -121,14 +121,23 @@ JOBS: dict[str, Job] = {
         "part 4: stock draft_model with async scheduling, massv-async's reference at the same settings (issue 12)",
         folder="cost-both",
     ),
-    # The issue's stock cell (1.5B, γ=5) with and without massv-vllm in the engine process, side
-    # by side on one host: stock's time moves 1.3-2x with the host, so "the plugin does not slow
-    # stock" needs both on the same machine (both engines are spawned: ~70 s each). 15 repeats:
-    # on a slow host stock's repeats are bimodal, and 5 can all land in one mode.
+    # The issue's stock cell (1.5B, γ=5) with and without massv-vllm in the engine process, and
+    # MASSV, on one host: stock's time moves 1.3-2x with the host, within seconds (its repeats are
+    # bimodal on a slow host), so the three engines run side by side and are timed in turns
+    # (--interleave): repeat i of each ran seconds apart, and the paired ratios compare like with
+    # like. All are spawned (stock-vanilla needs it): ~70 s per start, then 15 rounds.
     "cost-plugin": Job(
-        _cost(QWEN15, "stock stock-vanilla", "5", "--repeats", "15"),
-        170,
-        "stock draft_model with and without massv-vllm's plugin in its engine, 1.5B γ=5 (issue 12)",
+        _cost(QWEN15, "stock stock-vanilla massv", "5", "--repeats", "15", "--interleave"),
+        330,
+        "stock draft_model with and without massv-vllm's plugin in its engine, and MASSV, 1.5B γ=5, "
+        "timed in turns: paired ratios (issue 12)",
+    ),
+    # MASSV over stock at the same scheduling, sync and async, timed in turns (forked: ~40 s per
+    # start): host-drift-free ratios beside the one-run table's medians.
+    "cost-paired": Job(
+        _cost(QWEN15, "stock stock-async massv massv-async", "5", "--repeats", "15", "--interleave"),
+        300,
+        "MASSV over stock draft_model, ± async, 1.5B γ=5, four engines timed in turns: paired ratios (issue 12)",
     ),
     "parallel": Job(
         _cost(QWEN15, "target drafter massv massv-parallel massv-parallel-async", "3 5 7"),

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -218,7 +219,9 @@ def test_decode_tpot_from_the_engines_request_timestamps():
 
 def _sched(tokens, spec=None, new=()):
     return SimpleNamespace(
-        num_scheduled_tokens=tokens, scheduled_spec_decode_tokens=spec or {}, scheduled_new_reqs=list(new)
+        num_scheduled_tokens=tokens,
+        scheduled_spec_decode_tokens=spec or {},
+        scheduled_new_reqs=[SimpleNamespace(req_id=r) for r in new],
     )
 
 
@@ -234,6 +237,17 @@ def test_decode_batch_counts_only_steps_that_purely_decode():
     assert decode_batch(_sched({})) == 0  # the empty step after the last request
 
 
+def test_decoding_requests_counts_the_requests_that_decode_beside_prefills():
+    from benchmarks.cost_ext import decoding_requests
+
+    drafts = {"a": [0, 0], "b": [0, 0]}
+    assert decoding_requests(_sched({"a": 3, "b": 3}, drafts)) == 2
+    assert decoding_requests(_sched({"a": 3, "b": 90}, {"a": [0, 0]})) == 1  # b is prefilling
+    assert decoding_requests(_sched({"a": 3, "c": 1}, {"a": [0, 0]}, new=["c"])) == 1  # c: a 1-token prompt
+    assert decoding_requests(_sched({"a": 3}, {"a": [0, 0, 0]})) == 0  # a prefill chunk of 3 is not 1 + 3
+    assert decoding_requests(_sched({"a": 1, "b": 1})) == 2  # no speculation
+
+
 def test_steady_step_ms_keeps_only_full_batch_decode_steps():
     from benchmarks.cost import steady_step_ms
 
@@ -242,6 +256,7 @@ def test_steady_step_ms_keeps_only_full_batch_decode_steps():
     assert steady_step_ms(log, 4) == pytest.approx([12.0, 11.0])  # the step at 0.083 has no end here
     assert steady_step_ms(log, 3) == []
     assert steady_step_ms([(0.0, 1), (0.004, 1)], 1) == pytest.approx([4.0])
+    assert steady_step_ms([(0.0, 2, 2), (0.005, 2, 2)], 2) == pytest.approx([5.0])  # with decoding counts
 
 
 def test_python_speed_times_the_loop_it_is_given():
@@ -359,18 +374,25 @@ def test_tiny_massv_engine_reaches_full_acceptance(tmp_path, monkeypatch):
 
 @pytest.mark.engine
 @pytest.mark.slow
-def test_tiny_stock_vanilla_engine_has_no_massv_code(tmp_path):
+def test_tiny_stock_vanilla_engine_has_no_massv_code_beside_a_stock_engine_in_turns(tmp_path):
     """On vLLM (CPU): the spawned stock-vanilla engine applied no massv-vllm patch (this process
-    has the plugin loaded), and zeroed norms still force full acceptance there."""
+    has the plugin loaded, and so has the stock engine running beside it); zeroed norms force full
+    acceptance in both, counted from the workers' step logs since the two engines share one set of
+    vLLM metrics in this process."""
     from benchmarks import cost
     from massv_vllm.patches import applied
 
-    doc = cost.main(["--tiny", "--jobs", "stock-vanilla", "--batch-sizes", "1", "--out", str(tmp_path)])
+    argv = ["--tiny", "--jobs", "stock", "stock-vanilla", "--interleave", "--batch-sizes", "1"]
+    doc = cost.main([*argv, "--out", str(tmp_path)])
     assert applied()  # this process runs with massv-vllm's patches
-    eng = doc["engines"]["stock-vanilla-g2"]
-    assert eng["patches"] == [] and eng["env"]["VLLM_PLUGINS"] == ""
-    (row,) = [r for r in doc["e2e"] if r["mode"] == "stock-vanilla"]
-    assert row["mal"] == pytest.approx(3.0) and row["all_tokens_zero"]
+    eng = doc["engines"]
+    assert eng["stock-vanilla-g2"]["patches"] == [] and eng["stock-vanilla-g2"]["env"]["VLLM_PLUGINS"] == ""
+    assert "vllm.v1.spec_decode.draft_model.DraftModelProposer.propose" in eng["stock-g2"]["patches"]
+    for mode in ("stock", "stock-vanilla"):
+        (row,) = [r for r in doc["e2e"] if r["mode"] == mode]
+        assert row["mal"] == pytest.approx(3.0) and row["all_tokens_zero"], mode
+    (effect,) = doc["plugin_effect"]
+    assert effect["paired_stock_over_vanilla"] > 0
 
 
 @pytest.mark.parametrize("gammas", [[5], [3, 5], [3, 5, 7]])
@@ -753,3 +775,160 @@ def test_stock_vanilla_is_refused_for_gemma3_before_any_engine(tmp_path, monkeyp
     with pytest.raises(ValueError, match="stock-vanilla: .*Gemma3"):
         cost.run_cost(tmp_path, preset="gemma3-12b/gemma3-1b", jobs=["stock", "stock-vanilla"])
     assert not (tmp_path / "models").exists()
+
+
+# ---- engines timed in turns (--interleave) ----------------------------------------------------------
+
+
+def test_interleaved_engines_are_timed_in_turns_and_their_mal_comes_from_the_step_logs(monkeypatch):
+    """Rounds alternate A B, B A, ...; each engine warms up at each batch size first; the MAL is
+    the decoded tokens over the request-steps that decoded them."""
+    from benchmarks import cost
+
+    calls = []
+
+    def timed(llm, batch, n):
+        calls.append(("warm-up", llm, len(batch), n))
+        return 0.0, []
+
+    def repeat(llm, batch, n, tps, label=""):
+        calls.append((llm, len(batch)))
+        # A decodes 2 tokens per request-step, B 3: its drafts are all accepted, A's half of them
+        per_step = {"A": 2, "B": 3}[llm]
+        return {"t1": 0.01, "tn": 0.1, "engine": None, "steady": 1.0, "count": 2, "cpu": {},
+                "decoding": len(batch) * n // per_step, "zero": True}  # fmt: skip
+
+    monkeypatch.setattr(cost, "_timed", timed)
+    monkeypatch.setattr(cost, "_repeat", repeat)
+    rows = cost.measure_interleaved({"A": ("A", 3), "B": ("B", 3)}, ["p", "q"], [1, 2], steps=4, repeats=3)
+    assert calls[:8] == [
+        ("warm-up", "A", 1, 7),
+        ("warm-up", "B", 1, 7),
+        ("A", 1),
+        ("B", 1),
+        ("B", 1),
+        ("A", 1),
+        ("A", 1),
+        ("B", 1),
+    ]  # fmt: skip  (4 tokens round up to 6, whole steps of 3, plus the prefill's token)
+    assert calls[8:10] == [("warm-up", "A", 2, 7), ("warm-up", "B", 2, 7)]
+    assert [r["mal"] for r in rows["A"]] == pytest.approx([2.0, 2.0])
+    assert [r["mal"] for r in rows["B"]] == pytest.approx([3.0, 3.0])
+    assert rows["A"][1]["interleaved"] == ["A", "B"] and rows["A"][1]["batch_size"] == 2
+
+
+def test_paired_ratio_follows_the_repeats_timed_side_by_side():
+    from benchmarks.cost import paired_ratio
+
+    pair = ["stock-g5", "stock-vanilla-g5"]
+    # the host slowed both engines 2x in rounds 2 (both) and 3 (the second one only, a moment later)
+    a = {"tpot_ms_repeats": [10.0, 20.0, 10.0], "interleaved": pair}
+    b = {"tpot_ms_repeats": [8.0, 16.0, 16.0], "interleaved": pair}
+    assert paired_ratio(a, b) == pytest.approx(1.25)  # medians alone: 10 / 16 = 0.625
+    assert paired_ratio({**a, "interleaved": None}, {**b, "interleaved": None}) is None  # timed apart
+    assert paired_ratio(a, {**b, "tpot_ms_repeats": [8.0, 16.0]}) is None
+    assert paired_ratio({"tpot_ms_repeats": [1.0]}, {"tpot_ms_repeats": [1.0]}) is None
+
+
+def _interleaved_engines(calls):
+    """``run_jobs_interleaved`` without engines: the stock engine decodes in 10 / 20 / 10 ms per
+    round, the plugin-free one in 8 / 16 / 16 (a host that slowed down in rounds 2 and 3)."""
+
+    def run(jobs, prompts, batch_sizes, steps, repeats):
+        calls.append({name: (spec and spec["method"], kw, env) for name, (_, spec, kw, env) in jobs.items()})
+        times = {"stock-g2": [10.0, 20.0, 10.0], "stock-vanilla-g2": [8.0, 16.0, 16.0]}
+        out = {}
+        for name, (*_, env) in jobs.items():
+            rows = [
+                {**_row(b, statistics.median(times[name]), 3.0), "tpot_ms_repeats": times[name], "interleaved": list(jobs)}
+                for b in batch_sizes
+            ]  # fmt: skip
+            patches = [] if (env or {}).get("VLLM_PLUGINS") == "" else ["DraftModelProposer.propose"]
+            out[name] = {
+                "startup_s": 1.0,
+                "zeroed": {"target": ["x"]},
+                "patches": patches,
+                "rows": rows,
+                "profile": {},
+            }
+        return out
+
+    return run
+
+
+def _interleave_argv(out):
+    argv = _vanilla_argv(out)
+    i = argv.index("--jobs")
+    argv[i + 1 : i + 4] = ["stock", "stock-vanilla"]
+    return [*argv, "--interleave", "--repeats", "3"]
+
+
+def test_interleaved_stock_and_stock_vanilla_give_the_paired_ratio(tmp_path, monkeypatch, capsys):
+    from benchmarks import cost
+
+    calls = []
+    monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("an engine ran alone"))
+    monkeypatch.setattr(cost, "run_jobs_interleaved", _interleaved_engines(calls))
+    doc = cost.main(_interleave_argv(tmp_path))
+    (jobs,) = calls
+    assert list(jobs) == ["stock-g2", "stock-vanilla-g2"]
+    assert jobs["stock-vanilla-g2"][2] == {"VLLM_PLUGINS": "", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    assert "gpu_memory_utilization" not in jobs["stock-g2"][1]  # on the CPU backend a share of RAM
+    effect = {r["batch_size"]: r for r in doc["plugin_effect"]}
+    assert effect[1]["stock_over_vanilla_tpot"] == pytest.approx(10.0 / 16.0)
+    assert effect[1]["paired_stock_over_vanilla"] == pytest.approx(1.25)
+    assert check_schema(doc, SCHEMA) == [] and doc["meta"]["settings"]["interleave"] is True
+    assert re.search(r"γ=2\s+1\s+0\.625\s+1\.250", capsys.readouterr().out)
+    # finished: reused; one engine's results gone: both run again, or the repeats are not pairs
+    cost.main(_interleave_argv(tmp_path))
+    assert len(calls) == 1
+    (tmp_path / "jobs" / "stock-g2.json").unlink()
+    cost.main(_interleave_argv(tmp_path))
+    assert len(calls) == 2 and list(calls[1]) == ["stock-g2", "stock-vanilla-g2"]
+
+
+def test_interleaved_engines_share_the_gpus_memory(tmp_path, monkeypatch):
+    from benchmarks import cost
+    from massv_vllm import engine
+
+    calls = []
+    monkeypatch.setattr(engine, "on_gpu", lambda: True)
+    monkeypatch.setattr(cost, "run_jobs_interleaved", _interleaved_engines(calls))
+    cost.main(_interleave_argv(tmp_path))
+    assert [kw["gpu_memory_utilization"] for _, kw, _ in calls[0].values()] == [0.45, 0.45]
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (["--jobs", "stock", "--gammas", "2"], "two or more engines"),
+        (["--jobs", "drafter", "stock"], "drafter alone"),
+        (["--profile", "4"], "--profile"),
+    ],
+)
+def test_interleave_refuses_what_it_cannot_time_in_turns(tmp_path, monkeypatch, change, match):
+    from benchmarks import cost
+
+    monkeypatch.setattr(cost, "run_jobs_interleaved", lambda *a, **k: pytest.fail("an engine started"))
+    with pytest.raises(ValueError, match=match):
+        cost.main([*_interleave_argv(tmp_path), *change])
+
+
+def test_interleave_takes_one_preset(tmp_path, two_tiny_presets):
+    from benchmarks import cost
+
+    with pytest.raises(SystemExit):
+        cost.main([*_argv(two_tiny_presets, tmp_path), "--interleave"])
+
+
+def test_massv_over_stock_is_also_paired_when_timed_in_turns():
+    pair = ["stock-g5", "massv-g5"]
+    results = {
+        "stock-g5": _job(
+            [{**_row(1, 10.0, 6.0), "tpot_ms_repeats": [10.0, 20.0, 10.0], "interleaved": pair}]
+        ),
+        "massv-g5": _job([{**_row(1, 10.0, 6.0), "tpot_ms_repeats": [5.0, 10.0, 10.0], "interleaved": pair}]),
+    }
+    (over,) = summarise(results, [1], [5], [3.2])["massv_overhead"]
+    assert over["massv_over_stock_tpot"] == pytest.approx(1.0)
+    assert over["paired_massv_over_stock"] == pytest.approx(0.5)

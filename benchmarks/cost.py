@@ -669,16 +669,23 @@ def measure(
 
 
 def measure_interleaved(
-    engines: dict[str, tuple[Any, int]], prompts: list[Any], batch_sizes: list[int], steps: int, repeats: int
+    engines: dict[str, tuple[Any, int, bool]],
+    prompts: list[Any],
+    batch_sizes: list[int],
+    steps: int,
+    repeats: int,
 ) -> dict[str, list[dict[str, Any]]]:
-    """``measure`` for engines that run side by side (name -> (LLM, tokens per step)), one repeat
-    of each in turn, the order reversed every other round (A B, B A, ...): the host's speed,
-    which on the GPU machine changes within seconds, then weighs on each engine alike, and
-    repeat i of each engine were timed next to each other (``plugin_effect``'s paired ratio).
+    """``measure`` for engines that run side by side (name -> (LLM, tokens per step, async
+    scheduling)), one repeat of each in turn, the order reversed every other round (A B, B A, ...):
+    the host's speed, which on the GPU machine changes within seconds, then weighs on each engine
+    alike, and repeat i of each engine were timed next to each other (the paired ratios).
 
     vLLM's metrics live in the frontend process, one set for all of its engines (a new engine
     unregisters the last one's), so the MAL here is counted in the workers' step logs instead:
-    decoded tokens over the request-steps that decoded them (``decoding_requests``)."""
+    decoded tokens over the request-steps that decoded them (``decoding_requests``). An async
+    scheduler schedules each request once more before it sees the request finish: that step
+    decodes nothing, so it is not counted (one per request and repeat; H200, 2026-12-01: 23 logged
+    decode steps per request for 22 forced-acceptance steps)."""
     names = list(engines)
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for b in batch_sizes:
@@ -688,19 +695,19 @@ def measure_interleaved(
             file=sys.stderr,
             flush=True,
         )
-        for llm, tps in engines.values():
+        for llm, tps, _ in engines.values():
             _timed(llm, batch, decode_tokens(steps, tps) + 1)
         reps: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for i in range(repeats):
             for name in names if i % 2 == 0 else names[::-1]:
-                llm, tps = engines[name]
+                llm, tps, _ = engines[name]
                 reps[name].append(_repeat(llm, batch, decode_tokens(steps, tps), tps, f"{name} "))
         for name in names:
-            tps = engines[name][1]
+            _, tps, ahead = engines[name]
             n = decode_tokens(steps, tps)
             decoding = [r["decoding"] for r in reps[name]]
-            counted = tps > 1 and None not in decoding and sum(decoding) > 0  # tps 1: no drafter
-            mal = b * n * len(decoding) / sum(decoding) if counted else None
+            steps_done = None if None in decoding else sum(decoding) - (b * len(decoding) if ahead else 0)
+            mal = b * n * len(decoding) / steps_done if tps > 1 and steps_done else None  # tps 1: no drafter
             out[name].append({**_row(b, n, reps[name], mal), "interleaved": names})
     return out
 
@@ -717,10 +724,15 @@ def profile_decode(
 
 @contextlib.contextmanager
 def started_engine(
-    model: Path, spec: dict[str, Any] | None, engine_kw: dict[str, Any], env: dict[str, str] | None = None
+    model: Path,
+    spec: dict[str, Any] | None,
+    engine_kw: dict[str, Any],
+    env: dict[str, str] | None = None,
+    watchdog_s: float = WATCHDOG_S,
 ) -> Iterator[tuple[Any, dict[str, Any]]]:
     """An engine with the probe (``CostProbe``), both models' final norms zeroed (forced
-    acceptance), shut down on exit; yields (LLM, what its start recorded)."""
+    acceptance), shut down on exit; yields (LLM, what its start recorded). Its process prints its
+    Python stacks if it still runs ``watchdog_s`` after its start."""
     # This process loads vLLM's plugins (massv-vllm's among them) once, under the caller's
     # environment: a job's VLLM_PLUGINS then reaches its engine process only.
     from vllm.plugins import load_general_plugins
@@ -729,7 +741,7 @@ def started_engine(
 
     load_general_plugins()
     t0 = time.perf_counter()
-    with engine_env({**(env or {}), WATCHDOG_ENV: str(WATCHDOG_S)}):
+    with engine_env({**(env or {}), WATCHDOG_ENV: str(watchdog_s)}):
         llm = make_llm(str(model), spec, **engine_kw)
     startup = time.perf_counter() - t0
     try:
@@ -738,6 +750,8 @@ def started_engine(
             "engine_cpus": llm.collective_rpc("massv_cpu_affinity")[0],
             "patches": llm.collective_rpc("massv_patches")[0],
             "zeroed": llm.collective_rpc("massv_zero_final_norms")[0],
+            # as vLLM settled it (its CPU platform turns async scheduling off)
+            "async_scheduling": bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling),
         }
         zeroed = info["zeroed"]
         if not zeroed.get("target") or (spec is not None and not zeroed.get("drafter")):
@@ -792,15 +806,19 @@ def run_jobs_interleaved(
 ) -> dict[str, dict[str, Any]]:
     """``run_job`` for several engines at once (name -> (model, spec, engine_kw, env)): all are
     started, then measured in turns (``measure_interleaved``); the same result per name."""
-    # the watchdog covers all starts and every round
-    faulthandler.dump_traceback_later(WATCHDOG_S * len(jobs), file=sys.stderr)
+    # the watchdogs (this process's, each engine's) cover all starts and every round
+    watchdog_s = WATCHDOG_S * len(jobs)
+    faulthandler.dump_traceback_later(watchdog_s, file=sys.stderr)
     try:
         with contextlib.ExitStack() as stack:
             started = {}
             for name, (model, spec, kw, env) in jobs.items():
                 print(f"[cost] {name}: starting, to be timed in turns", file=sys.stderr, flush=True)
-                started[name] = stack.enter_context(started_engine(model, spec, kw, env))
-            engines = {name: (llm, tokens_per_step(jobs[name][1])) for name, (llm, _) in started.items()}
+                started[name] = stack.enter_context(started_engine(model, spec, kw, env, watchdog_s))
+            engines = {
+                name: (llm, tokens_per_step(jobs[name][1]), info["async_scheduling"])
+                for name, (llm, info) in started.items()
+            }
             rows = measure_interleaved(engines, prompts, batch_sizes, steps, repeats)
     finally:
         faulthandler.cancel_dump_traceback_later()

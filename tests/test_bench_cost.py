@@ -793,28 +793,25 @@ def test_interleaved_engines_are_timed_in_turns_and_their_mal_comes_from_the_ste
 
     def repeat(llm, batch, n, tps, label=""):
         calls.append((llm, len(batch)))
-        # A decodes 2 tokens per request-step, B 3: its drafts are all accepted, A's half of them
-        per_step = {"A": 2, "B": 3}[llm]
+        # A decodes 2 tokens per request-step, B and C 3: their drafts are all accepted, A's half of
+        # them; C schedules asynchronously: each request gets one step more, which decodes nothing
+        per_step, ahead = {"A": (2, 0), "B": (3, 0), "C": (3, 1)}[llm]
         return {"t1": 0.01, "tn": 0.1, "engine": None, "steady": 1.0, "count": 2, "cpu": {},
-                "decoding": len(batch) * n // per_step, "zero": True}  # fmt: skip
+                "decoding": len(batch) * (n // per_step + ahead), "zero": True}  # fmt: skip
 
     monkeypatch.setattr(cost, "_timed", timed)
     monkeypatch.setattr(cost, "_repeat", repeat)
-    rows = cost.measure_interleaved({"A": ("A", 3), "B": ("B", 3)}, ["p", "q"], [1, 2], steps=4, repeats=3)
-    assert calls[:8] == [
-        ("warm-up", "A", 1, 7),
-        ("warm-up", "B", 1, 7),
-        ("A", 1),
-        ("B", 1),
-        ("B", 1),
-        ("A", 1),
-        ("A", 1),
-        ("B", 1),
-    ]  # fmt: skip  (4 tokens round up to 6, whole steps of 3, plus the prefill's token)
+    engines = {"A": ("A", 3, False), "B": ("B", 3, False)}
+    rows = cost.measure_interleaved(engines, ["p", "q"], [1, 2], steps=4, repeats=3)
+    # 4 tokens round up to 6 (whole steps of 3), plus the prefill's token
+    assert calls[:2] == [("warm-up", "A", 1, 7), ("warm-up", "B", 1, 7)]
+    assert calls[2:8] == [("A", 1), ("B", 1), ("B", 1), ("A", 1), ("A", 1), ("B", 1)]
     assert calls[8:10] == [("warm-up", "A", 2, 7), ("warm-up", "B", 2, 7)]
     assert [r["mal"] for r in rows["A"]] == pytest.approx([2.0, 2.0])
     assert [r["mal"] for r in rows["B"]] == pytest.approx([3.0, 3.0])
     assert rows["A"][1]["interleaved"] == ["A", "B"] and rows["A"][1]["batch_size"] == 2
+    rows = cost.measure_interleaved({"C": ("C", 3, True), "B": ("B", 3, False)}, ["p", "q"], [2], 4, 3)
+    assert [r["mal"] for r in rows["C"]] == pytest.approx([3.0])  # not 6 / 3 = 2.0
 
 
 def test_paired_ratio_follows_the_repeats_timed_side_by_side():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -102,6 +103,16 @@ JOBS: dict[str, Job] = {
         330,
         "cost15 and cost05 as one run (target shared), part 1 of 3: target, both drafters, stock (issue 12)",
         folder="cost-both",
+    ),
+    # The 1.5B preset's stock engines alone, into the folder where cost-both's run keeps that
+    # preset (the same key: the run reuses them): the cell the starting table names (γ=5) is timed
+    # ~2 min into the call, and `stock-gate` tells whether to spend the session on this machine.
+    "cost-gate": Job(
+        _cost(QWEN15, "stock", "3 5"),
+        130,
+        "stock draft_model for the 1.5B preset of cost-both, first: `stock-gate` then says whether stock ran "
+        "at the starting table's speed here (issue 12)",
+        folder=f"cost-both/{QWEN15.replace('/', '__')}",
     ),
     "cost-both2": Job(
         _cost(f"{QWEN15} {QWEN05}", "target drafter stock massv massv-async", "3 5"),
@@ -546,6 +557,34 @@ def check_host(slow_us: float | None, samples: int, max_slow_share: float | None
     return 3 if slow else 0
 
 
+# The fast-drafting issue's starting table: stock draft_model, Qwen2.5-VL-7B + 1.5B, γ=5, ms per
+# token at B=1 and 8. Its "Done when" asks the one-run table's stock for no more than these.
+STARTING_STOCK_MS = {1: 7.77, 8: 8.58}
+GATE_JOB = f"cost-both/{QWEN15.replace('/', '__')}/jobs/stock-g5.json"
+
+
+def stock_gate(job: Path, limits: dict[int, float] = STARTING_STOCK_MS) -> int:
+    """3 when the stock γ=5 engine of ``job`` (a ``benchmarks.cost`` job file) ran slower than the
+    starting table at any batch size it names; 0 when it did not."""
+    rows = {r["batch_size"]: r for r in json.loads(job.read_text())["rows"]}
+    missing = sorted(set(limits) - set(rows))
+    if missing:
+        raise SystemExit(f"{job}: no batch size {missing}")
+    over = []
+    for b, limit in sorted(limits.items()):
+        t = rows[b]["tpot_ms"]
+        fastest = min(rows[b].get("tpot_ms_repeats") or [t])
+        print(
+            f"[stock-gate] B={b}: stock {t:.2f} ms (fastest {fastest:.2f}), starting table {limit:.2f}",
+            flush=True,
+        )
+        if t > limit:
+            over.append(b)
+    verdict = f"SLOW at B={over}: give the machine back" if over else "at the starting table's speed"
+    print(f"[stock-gate] {verdict}", flush=True)
+    return 3 if over else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -564,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the largest share of samples above --slow-us that a fast host may have (default: benchmarks.cost_ext's)",
     )
+    g = sub.add_parser(
+        "stock-gate",
+        help="did stock draft_model (1.5B, γ=5) run no slower than the starting table here? (exit 3: no)",
+    )
+    g.add_argument("--job", default=None, help=f"its job file (default: WORK/{GATE_JOB})")
     r = sub.add_parser("run", help="run jobs in order")
     r.add_argument("jobs", nargs="+", choices=sorted(JOBS))
     ln = sub.add_parser(
@@ -580,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "host":
         return check_host(a.slow_us, a.samples, a.max_slow_share)
+    if a.cmd == "stock-gate":
+        work = Path(os.environ.get("GPU_JOBS_WORK") or REPO / "runs" / "gpu-jobs")
+        return stock_gate(Path(a.job) if a.job else work / GATE_JOB)
     if a.cmd == "list":
         for name, job in JOBS.items():
             print(f"{name:15s} ~{job.seconds:4d} s  {job.shows}")

@@ -282,3 +282,52 @@ def test_the_output_tail_drops_vllm_log_lines_the_log_keeps_them(tmp_path, monke
     assert "[v]   36 prompts, 0 divergences" in out and "engine up" not in out and "[y.py:2]" not in out
     log = (tmp_path / "v.log").read_text()
     assert "engine up" in log and "[y.py:2] w" in log
+
+
+def test_the_gate_times_the_stock_engines_that_cost_both_then_reuses(tmp_path, monkeypatch):
+    """cost-gate's results land where cost-both keeps its 1.5B preset, under the same run key: the
+    whole run does not time those engines again."""
+    from benchmarks import cost
+
+    ran = []
+
+    def run_job(model, spec, prompts, batch_sizes, *a, **k):
+        ran.append((model.parent.name, spec and spec["method"], spec and spec["num_speculative_tokens"]))
+        rows = [{"batch_size": b, "prefill_s": 0.01, "tpot_ms": 5.0, "mal": spec and 6.0, "all_tokens_zero": True}
+                for b in batch_sizes]  # fmt: skip
+        return {"startup_s": 1.0, "zeroed": {"target": ["x"]}, "rows": rows}
+
+    monkeypatch.setattr(cost, "run_job", run_job)
+    for name in ("cost-gate", "cost-both1"):
+        (argv,) = _python_commands(gpu_jobs.command(name, tmp_path))
+        cost.main(argv[3:])
+    p15 = gpu_jobs.QWEN15.replace("/", "__")
+    assert ran[:2] == [(p15, "draft_model", 3), (p15, "draft_model", 5)]
+    assert (tmp_path / gpu_jobs.GATE_JOB).is_file()
+    assert not [r for r in ran[2:] if r[0] == p15 and r[1] == "draft_model"]  # reused
+    assert [r for r in ran[2:] if r[1] == "draft_model"] == [
+        (gpu_jobs.QWEN05.replace("/", "__"), "draft_model", 3),
+        (gpu_jobs.QWEN05.replace("/", "__"), "draft_model", 5),
+    ]
+
+
+def test_the_stock_gate_compares_stock_with_the_starting_table(tmp_path, capsys):
+    job = tmp_path / "stock-g5.json"
+
+    def write(b1, b8):
+        rows = [
+            {"batch_size": b, "tpot_ms": t, "tpot_ms_repeats": [t, t + 4.0]} for b, t in ((1, b1), (8, b8))
+        ]
+        job.write_text(json.dumps({"rows": rows}))
+
+    write(7.70, 8.50)
+    assert gpu_jobs.main(["stock-gate", "--job", str(job)]) == 0
+    assert "B=1: stock 7.70 ms (fastest 7.70), starting table 7.77" in capsys.readouterr().out
+    write(7.80, 8.50)  # B=1 over 7.77 ms
+    assert gpu_jobs.main(["stock-gate", "--job", str(job)]) == 3
+    assert "SLOW at B=[1]" in capsys.readouterr().out
+    write(7.70, 8.60)
+    assert gpu_jobs.stock_gate(job) == 3
+    job.write_text(json.dumps({"rows": [{"batch_size": 1, "tpot_ms": 7.0}]}))
+    with pytest.raises(SystemExit, match=r"no batch size \[8\]"):
+        gpu_jobs.stock_gate(job)

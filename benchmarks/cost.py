@@ -926,6 +926,11 @@ def job_env(family: str, mode: str, spec: dict[str, Any] | None) -> dict[str, st
     return env or None
 
 
+def job_mode(name: str) -> str:
+    """The job of an engine's name: ``stock-vanilla-g5`` -> ``stock-vanilla``, ``target`` -> itself."""
+    return name.rpartition("-g")[0] or name
+
+
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -1072,13 +1077,12 @@ def run_cost(
         write_json(out / "jobs" / f"{name}.json", record)  # checkpoint per engine
 
     def env_of(name: str, spec: dict[str, Any] | None) -> dict[str, str] | None:
-        env = job_env(shapes.family, name.rpartition("-g")[0] or name, spec)
+        env = job_env(shapes.family, job_mode(name), spec)
         return {**(env or {}), **SPAWN} if spawn_all else env
 
     if interleave and todo:
         jobs_kw = {
-            name: (model, spec, job_engine_kw(shapes.family, kw, name.rpartition("-g")[0] or name, spec),
-                   env_of(name, spec))
+            name: (model, spec, job_engine_kw(shapes.family, kw, job_mode(name), spec), env_of(name, spec))
             for name, model, spec in todo
         }  # fmt: skip
         t0 = time.perf_counter()
@@ -1103,7 +1107,7 @@ def run_cost(
         job_prompts = (
             _prompts(shapes.target, max(batch_sizes), prompt_len, None) if name == "drafter" else prompts
         )
-        mode = name.rpartition("-g")[0] or name
+        mode = job_mode(name)
         trace_dir = out / "traces" / name if profile_steps and trace else None
         if trace_dir:
             trace_dir.mkdir(parents=True, exist_ok=True)
@@ -1160,6 +1164,9 @@ def run_cost(
         raise AssertionError("cost.json does not match its schema:\n" + "\n".join(problems))
     write_json(out / "cost.json", doc)
     return doc
+
+
+PAIRED_NOTE = "(medians; paired: median over repeats of the ratio of two repeats timed in turn, --interleave)"
 
 
 def paired_ratio(row: dict[str, Any], other: dict[str, Any]) -> float | None:
@@ -1568,8 +1575,7 @@ def format_report(doc: dict[str, Any]) -> str:
             format_table(
                 ["engine", "", "B", "against", "TPOT / stock", "paired"],
                 rows,
-                "MASSV TPOT over the plain draft model's, each at the same scheduling (medians; paired: "
-                "median over repeats of the ratio of two repeats timed in turn, --interleave)",
+                f"MASSV TPOT over the plain draft model's, each at the same scheduling {PAIRED_NOTE}",
             )
         )
     if doc.get("plugin_effect"):
@@ -1586,8 +1592,7 @@ def format_report(doc: dict[str, Any]) -> str:
             format_table(
                 ["", "B", "stock / stock-vanilla", "paired"],
                 rows,
-                "stock draft_model's TPOT with massv-vllm's plugin in its engine over without it (medians;"
-                " paired: median over repeats of the ratio of two repeats timed in turn, --interleave)",
+                f"stock draft_model's TPOT with massv-vllm's plugin in its engine over without it {PAIRED_NOTE}",
             )
         )
     for job, per_b in doc.get("profile", {}).items():

@@ -130,24 +130,6 @@ def _count_graph_mode(state: dict[str, Any], model: str) -> None:
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def decode_batch(scheduler_output: Any) -> int:
-    """Number of requests in an engine step that only decodes, else 0.
-
-    A step only decodes when no request is new and each request runs its one sampled token plus
-    its scheduled draft tokens, no prefill chunk. ``LLM.generate`` hands requests to the engine
-    one by one while it already steps, so at B > 1 the first steps mix one request's decode with
-    the others' prefills (seen on CPU: B=8 prefilled over three steps); those steps are not the
-    decode cost being measured."""
-    so = scheduler_output
-    counts = so.num_scheduled_tokens
-    if so.scheduled_new_reqs or not counts:
-        return 0
-    spec = so.scheduled_spec_decode_tokens
-    if any(n != 1 + len(spec.get(r, ())) for r, n in counts.items()):
-        return 0
-    return len(counts)
-
-
 def decoding_requests(scheduler_output: Any) -> int:
     """Number of requests that decode in an engine step (one sampled token plus their scheduled
     draft tokens), prefilling requests beside them or not: the draft steps behind a MAL measured
@@ -158,6 +140,23 @@ def decoding_requests(scheduler_output: Any) -> int:
     return sum(
         1 for r, n in so.num_scheduled_tokens.items() if r not in new and n == 1 + len(spec.get(r, ()))
     )
+
+
+def decode_batch(scheduler_output: Any, decoding: int | None = None) -> int:
+    """Number of requests in an engine step that only decodes, else 0 (``decoding``: the step's
+    ``decoding_requests``, if counted already).
+
+    A step only decodes when no request is new and each request runs its one sampled token plus
+    its scheduled draft tokens, no prefill chunk. ``LLM.generate`` hands requests to the engine
+    one by one while it already steps, so at B > 1 the first steps mix one request's decode with
+    the others' prefills (seen on CPU: B=8 prefilled over three steps); those steps are not the
+    decode cost being measured."""
+    so = scheduler_output
+    counts = so.num_scheduled_tokens
+    if so.scheduled_new_reqs or not counts:
+        return 0
+    n = decoding_requests(so) if decoding is None else decoding
+    return n if n == len(counts) else 0
 
 
 # ``python_speed_us`` in the engine processes, median over a run's engines: 557-578 us in the runs
@@ -232,8 +231,9 @@ class CostProbe:
 
         @functools.wraps(fn)
         def logged(scheduler_output, *a, **k):
-            so = scheduler_output
-            log.append((time.perf_counter(), decode_batch(so), decoding_requests(so)))
+            t, so = time.perf_counter(), scheduler_output
+            decoding = decoding_requests(so)
+            log.append((t, decode_batch(so, decoding), decoding))
             return fn(scheduler_output, *a, **k)
 
         runner.execute_model = logged

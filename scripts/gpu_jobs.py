@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 NOISE = re.compile(r"(^| )(INFO|WARNING|DEBUG) \d\d-\d\d |it/s\]$|s/it\]$|^\s*$")
 COST = ["python3", "-m", "benchmarks.cost"]
 QWEN15, QWEN05 = "qwen2.5-vl-7b/qwen2.5-1.5b", "qwen2.5-vl-7b/qwen2.5-0.5b"
+# where a run of several presets keeps the 1.5B one (benchmarks.cost.run_cost_presets)
+COST_BOTH15 = f"cost-both/{QWEN15.replace('/', '__')}"
 GRID = ["--batch-sizes", "1", "8", "--compile-backend", "eager"]
 PYTEST = ["python3", "-m", "pytest", "-q", "-s", "-rs"]
 WORLD = ["python3", "-m", "benchmarks.world", "run", "--out", "runs/world"]
@@ -112,7 +114,7 @@ JOBS: dict[str, Job] = {
         130,
         "stock draft_model for the 1.5B preset of cost-both, first: `stock-gate` then says whether stock ran "
         "at the starting table's speed here (issue 12)",
-        folder=f"cost-both/{QWEN15.replace('/', '__')}",
+        folder=COST_BOTH15,
     ),
     "cost-both2": Job(
         _cost(f"{QWEN15} {QWEN05}", "target drafter stock massv massv-async", "3 5"),
@@ -560,7 +562,7 @@ def check_host(slow_us: float | None, samples: int, max_slow_share: float | None
 # The fast-drafting issue's starting table: stock draft_model, Qwen2.5-VL-7B + 1.5B, γ=5, ms per
 # token at B=1 and 8. Its "Done when" asks the one-run table's stock for no more than these.
 STARTING_STOCK_MS = {1: 7.77, 8: 8.58}
-GATE_JOB = f"cost-both/{QWEN15.replace('/', '__')}/jobs/stock-g5.json"
+GATE_JOB = f"{COST_BOTH15}/jobs/stock-g5.json"
 
 
 def stock_gate(job: Path, limits: dict[int, float] = STARTING_STOCK_MS) -> int:

@@ -78,7 +78,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -967,6 +967,7 @@ def run_cost(
     argv: list[str] | None = None,
     shared_target: str | Path | None = None,
     interleave: bool = False,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write the shape set, run the chosen jobs, write cost.json and return it. ``cpus``: pin the
     run and its engine processes to these CPUs (``choose_cpus``). ``interleave``: start the
@@ -978,7 +979,8 @@ def run_cost(
     commands (e.g. ``--jobs target drafter``, then ``--jobs stock massv``) with one final table.
     ``shared_target``: the ``target`` job of another preset's run in the same command
     (``run_cost_presets``), taken instead of starting the target again when its target, settings
-    and prompts are this run's.
+    and prompts are this run's. ``only``: run just these engines of the plan (e.g. ``stock-g5``),
+    under the run's key, so a later call of the whole run reuses them.
     """
     from massv_vllm.engine import massv_spec, on_gpu
 
@@ -992,6 +994,8 @@ def run_cost(
     n_engines = (
         ("target" in jobs) + ("drafter" in jobs) + len(set(jobs) - {"target", "drafter"}) * len(set(gammas))
     )
+    if only and interleave:
+        raise ValueError("--only picks engines to run one after another: not with --interleave")
     if interleave and (n_engines < 2 or "drafter" in jobs or profile_steps or shared_target):
         raise ValueError(
             "interleave times two or more engines that take the same prompts in turns: not the "
@@ -1053,6 +1057,12 @@ def run_cost(
             if mode in jobs:
                 spec = massv_spec(str(shapes.drafter), g, **JOB_SPEC.get(mode, {}))
                 plan.append((f"{mode}-g{g}", shapes.target, spec))
+
+    if only:
+        names = [name for name, *_ in plan]
+        if set(only) - set(names):
+            raise ValueError(f"--only {sorted(set(only) - set(names))}: this run's engines are {names}")
+        plan = [job for job in plan if job[0] in only]
 
     def reusable(name: str) -> bool:
         path = out / "jobs" / f"{name}.json"
@@ -1683,6 +1693,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--fresh", action="store_true", help="rerun jobs even if finished results exist")
     p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="ENGINE",
+        default=None,
+        help="run only these engines of the run (JOB-gγ, e.g. stock-g5; or target, drafter), under the "
+        "run's key: a later call of the whole run reuses them",
+    )
+    p.add_argument(
         "--interleave",
         action="store_true",
         help="start the engines together and time them in turns, one repeat each (host drift weighs on "
@@ -1726,7 +1744,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.interleave and several:
         p.error("--interleave: one preset per run")
     by_name = {
-        k: getattr(a, k) for k in ("jobs", "compile_backend", "fresh", "trace", "models_dir", "interleave")
+        k: getattr(a, k)
+        for k in ("jobs", "compile_backend", "fresh", "trace", "models_dir", "interleave", "only")
     }
     return cli.run_main(
         run_cost_presets if several else run_cost,

@@ -94,26 +94,26 @@ JOBS: dict[str, Job] = {
         "fast drafting before/after, Qwen2.5-VL-7B + 1.5B, γ 3 and 5, B 1 and 8 (issues 12, 15.6)",
     ),
     "cost05": Job(_cost(QWEN05, BEFORE_AFTER, "3 5"), 480, "the same with Qwen2.5-0.5B"),
-    # Both drafter sizes in one run (the fast-drafting issue's table): 19 engines, ~40 s each on a
-    # warm H200 and up to ~60 s on a fresh one (2026-12-01, second session: ~1200 s in all), so
-    # three jobs in one folder, most needed first (the run's key leaves out --jobs, so each part
-    # reuses what the parts before it finished), and a fourth for stock with async scheduling
-    # (+4 engines). Every call of the lease runs them all under one time limit: finished parts
-    # cost seconds, a part cut off resumes at its next engine.
+    # Both drafter sizes in one run (the fast-drafting issue's table): 23 engines, ~40 s each on a
+    # warm H200 and up to ~60 s on a fresh one, so four jobs in one folder, most needed first (the
+    # run's key leaves out --jobs, so each part reuses what the parts before it finished). Every
+    # call of the lease runs them all under one time limit: finished parts cost seconds, a part cut
+    # off resumes at its next engine. vLLM's own draft loop (the before column) is the last part:
+    # the issue lets its starting table serve as that column if the session runs out.
     "cost-both1": Job(
         _cost(f"{QWEN15} {QWEN05}", "target drafter stock", "3 5"),
         330,
-        "cost15 and cost05 as one run (target shared), part 1 of 3: target, both drafters, stock (issue 12)",
+        "cost15 and cost05 as one run (target shared), part 1 of 4: target, both drafters, stock (issue 12)",
         folder="cost-both",
     ),
-    # The 1.5B preset's stock engines alone, into the folder where cost-both's run keeps that
-    # preset (the same key: the run reuses them): the cell the starting table names (γ=5) is timed
-    # ~2 min into the call, and `stock-gate` tells whether to spend the session on this machine.
+    # The cell the starting table names (1.5B stock, γ=5) alone, into the folder where cost-both's
+    # run keeps that preset (the same key: the run reuses it): timed ~2 min into the call, and
+    # `stock-gate` tells whether to spend the session on this machine (cost-both1 times γ=3).
     "cost-gate": Job(
-        _cost(QWEN15, "stock", "3 5"),
+        _cost(QWEN15, "stock", "3 5", "--only", "stock-g5"),
         130,
-        "stock draft_model for the 1.5B preset of cost-both, first: `stock-gate` then says whether stock ran "
-        "at the starting table's speed here (issue 12)",
+        "stock draft_model γ=5 for the 1.5B preset of cost-both, first: `stock-gate` then says whether stock "
+        "ran at the starting table's speed here (issue 12)",
         folder=COST_BOTH15,
     ),
     "cost-both2": Job(
@@ -123,15 +123,15 @@ JOBS: dict[str, Job] = {
         folder="cost-both",
     ),
     "cost-both3": Job(
-        _cost(f"{QWEN15} {QWEN05}", BEFORE_AFTER, "3 5"),
+        _cost(f"{QWEN15} {QWEN05}", "target drafter stock massv massv-async stock-async", "3 5"),
         220,
-        "part 3: vLLM's draft loop (the before column), and the one table of both drafters (issue 12)",
+        "part 3: stock draft_model with async scheduling, massv-async's reference at the same settings (issue 12)",
         folder="cost-both",
     ),
     "cost-both4": Job(
         _cost(f"{QWEN15} {QWEN05}", f"{BEFORE_AFTER} stock-async", "3 5"),
         220,
-        "part 4: stock draft_model with async scheduling, massv-async's reference at the same settings (issue 12)",
+        "part 4: vLLM's draft loop (the before column), and the one table of both drafters (issue 12)",
         folder="cost-both",
     ),
     # The issue's stock cell (1.5B, γ=5) with and without massv-vllm in the engine process, and

@@ -901,6 +901,7 @@ def test_interleaved_engines_share_the_gpus_memory(tmp_path, monkeypatch):
         (["--jobs", "stock", "--gammas", "2"], "two or more engines"),
         (["--jobs", "drafter", "stock"], "drafter alone"),
         (["--profile", "4"], "--profile"),
+        (["--only", "stock-g2"], "not with --interleave"),
     ],
 )
 def test_interleave_refuses_what_it_cannot_time_in_turns(tmp_path, monkeypatch, change, match):
@@ -909,6 +910,15 @@ def test_interleave_refuses_what_it_cannot_time_in_turns(tmp_path, monkeypatch, 
     monkeypatch.setattr(cost, "run_jobs_interleaved", lambda *a, **k: pytest.fail("an engine started"))
     with pytest.raises(ValueError, match=match):
         cost.main([*_interleave_argv(tmp_path), *change])
+
+
+def test_only_names_engines_of_the_run(tmp_path, monkeypatch):
+    from benchmarks import cost
+
+    monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("an engine started"))
+    engines = r"\['target', 'stock-g2', 'stock-vanilla-g2'\]"
+    with pytest.raises(ValueError, match=rf"--only \['stock-g5'\]: this run's engines are {engines}"):
+        cost.main([*_vanilla_argv(tmp_path), "--only", "stock-g5", "target"])
 
 
 def test_interleave_takes_one_preset(tmp_path, two_tiny_presets):

@@ -546,11 +546,7 @@ def check_host(slow_us: float | None, samples: int, max_slow_share: float | None
     share = SLOW_HOST_SHARE if max_slow_share is None else max_slow_share
     median, n_slow, slow = slow_host(us, slow_us, share)
     limit = f"median <= {slow_us:.0f} us and at most {share:.0%} of samples above it"
-    verdict = (
-        f"SLOW (needs {limit}: {SLOW_HOST_EFFECT}; give the machine back)"
-        if slow
-        else f"fast enough ({limit})"
-    )
+    verdict = f"SLOW (needs {limit}: {SLOW_HOST_EFFECT})" if slow else f"fast enough ({limit})"
     print(
         f"[host] machine {machine[:8]}: Python loop {median:.0f} us (median of {len(us)}; "
         f"{min(us):.0f}-{max(us):.0f}; slow in {n_slow}), {verdict}",

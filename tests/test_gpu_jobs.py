@@ -335,3 +335,53 @@ def test_the_stock_gate_compares_stock_with_the_starting_table(tmp_path, capsys)
     job.write_text(json.dumps({"rows": [{"batch_size": 1, "tpot_ms": 7.0}]}))
     with pytest.raises(SystemExit, match=r"no batch size \[8\]"):
         gpu_jobs.stock_gate(job)
+
+
+def _gate_timings(monkeypatch, tmp_path, tpots):
+    """A fake ``cost-gate`` run per entry of ``tpots`` ((B=1, B=8) ms, or None: cut off before it
+    saved); returns the list of runs made."""
+    runs = []
+
+    def run_job(name, out, work, deadline=None, **k):
+        assert name == "cost-gate" and work == tmp_path
+        b1_b8 = tpots[len(runs)]
+        runs.append(b1_b8)
+        if b1_b8 is None:
+            return 137
+        rows = [{"batch_size": b, "tpot_ms": t} for b, t in zip((1, 8), b1_b8)]
+        job = tmp_path / gpu_jobs.GATE_JOB
+        job.parent.mkdir(parents=True, exist_ok=True)
+        job.write_text(json.dumps({"rows": rows}))
+        return 0
+
+    monkeypatch.setattr(gpu_jobs, "run_job", run_job)
+    monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path))
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    return runs
+
+
+def _tpot_b1(path):
+    return json.loads(path.read_text())["rows"][0]["tpot_ms"]
+
+
+def test_stock_retime_times_the_cell_again_until_it_runs_at_the_starting_speed(tmp_path, monkeypatch):
+    runs = _gate_timings(monkeypatch, tmp_path, [(14.1, 14.0), (7.4, 8.9), (7.5, 8.5), (1.0, 1.0)])
+    assert gpu_jobs.main(["stock-retime"]) == 0
+    assert len(runs) == 3  # stops at the first timing under 7.77 / 8.58 ms
+    assert _tpot_b1(tmp_path / gpu_jobs.GATE_JOB) == 7.5  # the table's cell
+    kept = sorted((tmp_path / gpu_jobs.RETIMES).iterdir())
+    assert [p.name for p in kept] == ["stock-g5-1.json", "stock-g5-2.json"]
+    assert [_tpot_b1(p) for p in kept] == [14.1, 7.4]  # every earlier timing is kept
+    assert not list((tmp_path / gpu_jobs.COST_BOTH15 / "jobs").glob("stock-g5-*"))  # not read as jobs
+    assert gpu_jobs.main(["stock-retime"]) == 0 and len(runs) == 3  # passed already: no timing
+
+
+def test_stock_retime_keeps_the_last_timing_when_one_is_cut_off_or_time_is_short(tmp_path, monkeypatch):
+    runs = _gate_timings(monkeypatch, tmp_path, [(14.1, 14.0), None])
+    assert gpu_jobs.main(["stock-retime"]) == 137
+    assert runs == [(14.1, 14.0), None]
+    assert _tpot_b1(tmp_path / gpu_jobs.GATE_JOB) == 14.1  # put back: the table still has the cell
+    assert not list((tmp_path / gpu_jobs.RETIMES).iterdir())
+    short = gpu_jobs.JOBS["cost-gate"].seconds - 1
+    assert gpu_jobs.main(["stock-retime", "--time-limit", str(short)]) == 3
+    assert len(runs) == 2  # no timing started that could not finish

@@ -109,8 +109,9 @@ JOBS: dict[str, Job] = {
         folder="cost-both",
     ),
     # The cell the starting table names (1.5B stock, γ=5) alone, into the folder where cost-both's
-    # run keeps that preset (the same key: the run reuses it): timed ~2 min into the call, and
-    # `stock-gate` tells whether to spend the session on this machine (cost-both1 times γ=3).
+    # run keeps that preset (the same key: the run reuses it; cost-both1 times γ=3): timed ~2 min
+    # into the call, `stock-gate` says whether it ran at the starting table's speed, and
+    # `stock-retime` times it again later on the same machine if not.
     "cost-gate": Job(
         _cost(QWEN15, "stock", "3 5", "--only", "stock-g5"),
         130,
@@ -580,7 +581,7 @@ def stock_gate(job: Path, limits: dict[int, float] = STARTING_STOCK_MS) -> int:
         )
         if t > limit:
             over.append(b)
-    verdict = f"SLOW at B={over}: give the machine back" if over else "at the starting table's speed"
+    verdict = f"SLOW at B={over}: time it again (stock-retime)" if over else "at the starting table's speed"
     print(f"[stock-gate] {verdict}", flush=True)
     return 3 if over else 0
 

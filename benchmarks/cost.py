@@ -1060,8 +1060,9 @@ def run_cost(
 
     if only:
         names = [name for name, *_ in plan]
-        if set(only) - set(names):
-            raise ValueError(f"--only {sorted(set(only) - set(names))}: this run's engines are {names}")
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise ValueError(f"--only {unknown}: this run's engines are {names}")
         plan = [job for job in plan if job[0] in only]
 
     def reusable(name: str) -> bool:

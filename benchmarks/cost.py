@@ -42,6 +42,11 @@ the GPU machine changes within seconds, then weighs on each engine alike, and th
 ``stock / stock-vanilla`` and ``TPOT / stock``. Their MAL is counted in the workers' step logs:
 the engines of one process share vLLM's metrics.
 
+``--only ENGINE --until-tpot B=MS ...`` times that one engine's batch size B again, in the same
+engine, while its TPOT is above MS (for up to ``--until-seconds`` per batch size): a host-bound
+engine can then be caught in one of the host's fast spells at ~10 s a try. The table takes the
+last timing; the job file and the report keep every earlier one.
+
 ``--profile N`` also profiles N decode steps of every speculative engine at each batch size (torch
 profiler in the worker, ``benchmarks.cost_ext.CostProbe``) and reports host and GPU milliseconds
 per engine step for each phase: target verify, input preparation, sampling and rejection, each
@@ -69,6 +74,7 @@ timestamps (at B > 1 it carries the prefills of requests that reached the engine
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import faulthandler
 import hashlib
@@ -644,7 +650,14 @@ def decode_tokens(steps: int, tokens_per_step: int) -> int:
 
 
 def measure(
-    llm: Any, prompts: list[Any], batch_sizes: list[int], steps: int, repeats: int, tokens_per_step: int = 1
+    llm: Any,
+    prompts: list[Any],
+    batch_sizes: list[int],
+    steps: int,
+    repeats: int,
+    tokens_per_step: int = 1,
+    until_tpot: dict[int, float] | None = None,
+    until_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Per batch size: prefill time, decode time per output token (TPOT), MAL and token check.
 
@@ -654,7 +667,14 @@ def measure(
     stay out: ``LLM.generate`` hands requests over one by one while the engine already steps, so
     at B > 1 the request timestamps' TPOT (``engine_tpot_ms``, kept beside it) carries other
     requests' prefills. ``wall_tpot_ms`` is the oldest estimate (n tokens minus one token, over n).
-    A spec engine decodes a whole number of forced-acceptance steps, so no step is cut short."""
+    A spec engine decodes a whole number of forced-acceptance steps, so no step is cut short.
+
+    ``until_tpot`` (batch size -> ms): time that batch size again, in this engine, while its TPOT
+    is above the limit and another timing fits in ``until_s`` seconds from its first; the row is
+    the last timing (the first that met the limit, or the last there was time for) and keeps the
+    earlier ones in ``earlier_timings``. A host-bound engine's speed follows the host's, which
+    switches within seconds to minutes: this finds a fast spell at ~10 s a try, not an engine
+    start's ~2 min, and keeps every try on record."""
     n = decode_tokens(steps, tokens_per_step)
     rows = []
     for b in batch_sizes:
@@ -662,9 +682,26 @@ def measure(
         # progress on stderr, so a stalled engine shows which batch size it stalled in
         print(f"[cost]   B={b}: warm-up, then {repeats} repeats", file=sys.stderr, flush=True)
         _timed(llm, batch, n + 1)  # warm-up at this batch size (graphs, allocator)
-        before = SpecCounters.from_llm(llm)
-        reps = [_repeat(llm, batch, n, tokens_per_step) for _ in range(repeats)]
-        rows.append(_row(b, n, reps, (SpecCounters.from_llm(llm) - before).mean_accepted_length))
+        limit = (until_tpot or {}).get(b)
+        earlier: list[dict[str, Any]] = []
+        end = time.monotonic() + until_s
+        while True:
+            t0 = time.monotonic()
+            before = SpecCounters.from_llm(llm)
+            reps = [_repeat(llm, batch, n, tokens_per_step) for _ in range(repeats)]
+            row = _row(b, n, reps, (SpecCounters.from_llm(llm) - before).mean_accepted_length)
+            now = time.monotonic()
+            if limit is None or row["tpot_ms"] <= limit or now + (now - t0) > end:  # met, or none fits
+                break
+            earlier.append({k: row[k] for k in ("tpot_ms", "tpot_ms_repeats", "cpu_repeats")})
+            print(
+                f"[cost]   B={b}: TPOT {row['tpot_ms']:.3f} ms over {limit:.3f}: timing {len(earlier) + 1}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if limit is not None:
+            row.update(until_tpot_ms=limit, earlier_timings=earlier)
+        rows.append(row)
     return rows
 
 
@@ -779,14 +816,18 @@ def run_job(
     env: dict[str, str] | None = None,
     profile_steps: int = 0,
     trace_dir: Path | None = None,
+    until_tpot: dict[int, float] | None = None,
+    until_s: float = 0.0,
 ) -> dict[str, Any]:
-    # An engine job takes ~45-80 s from its start; past WATCHDOG_S the frontend and the engine
-    # process print their Python stacks (the engine's is armed while it starts: cost_ext).
-    faulthandler.dump_traceback_later(WATCHDOG_S, file=sys.stderr)
+    # An engine job takes ~45-80 s from its start; past WATCHDOG_S (and the timings again it may
+    # take) the frontend and the engine process print their Python stacks (the engine's is armed
+    # while it starts: cost_ext).
+    watchdog_s = WATCHDOG_S + until_s * len(until_tpot or {})
+    faulthandler.dump_traceback_later(watchdog_s, file=sys.stderr)
     try:
-        with started_engine(model, spec, engine_kw, env) as (llm, info):
+        with started_engine(model, spec, engine_kw, env, watchdog_s) as (llm, info):
             per_step = tokens_per_step(spec)
-            rows = measure(llm, prompts, batch_sizes, steps, repeats, per_step)
+            rows = measure(llm, prompts, batch_sizes, steps, repeats, per_step, until_tpot, until_s)
             profile = {}
             if profile_steps and spec is not None:
                 for b in batch_sizes:
@@ -968,6 +1009,8 @@ def run_cost(
     shared_target: str | Path | None = None,
     interleave: bool = False,
     only: Sequence[str] | None = None,
+    until_tpot: dict[int, float] | None = None,
+    until_s: float = 0.0,
 ) -> dict[str, Any]:
     """Write the shape set, run the chosen jobs, write cost.json and return it. ``cpus``: pin the
     run and its engine processes to these CPUs (``choose_cpus``). ``interleave``: start the
@@ -980,7 +1023,10 @@ def run_cost(
     ``shared_target``: the ``target`` job of another preset's run in the same command
     (``run_cost_presets``), taken instead of starting the target again when its target, settings
     and prompts are this run's. ``only``: run just these engines of the plan (e.g. ``stock-g5``),
-    under the run's key, so a later call of the whole run reuses them.
+    under the run's key, so a later call of the whole run reuses them. ``until_tpot`` (with one
+    engine in ``only``): time it again at a batch size while its TPOT is above the limit, for up to
+    ``until_s`` seconds per batch size (``measure``); it leaves the run's key alone, as its engine's
+    settings are the same.
     """
     from massv_vllm.engine import massv_spec, on_gpu
 
@@ -996,6 +1042,11 @@ def run_cost(
     )
     if only and interleave:
         raise ValueError("--only picks engines to run one after another: not with --interleave")
+    if until_tpot is not None and (len(set(only or ())) != 1 or set(until_tpot) - set(batch_sizes)):
+        raise ValueError(
+            f"--until-tpot {until_tpot} times one engine again: name it alone with --only (got {only}), "
+            f"at batch sizes of the run ({sorted(batch_sizes)})"
+        )
     if interleave and (n_engines < 2 or "drafter" in jobs or profile_steps or shared_target):
         raise ValueError(
             "interleave times two or more engines that take the same prompts in turns: not the "
@@ -1136,6 +1187,8 @@ def run_cost(
                 env=env,
                 profile_steps=profile_steps,
                 trace_dir=trace_dir,
+                until_tpot=until_tpot,
+                until_s=until_s,
             )
         save(name, res, env, time.perf_counter() - t0)
     results = {}
@@ -1245,6 +1298,9 @@ def summarise(
                     "prefill_s": r["prefill_s"],
                     "mal": r["mal"],
                     "all_tokens_zero": r["all_tokens_zero"],
+                    # --until-tpot: the limit and the timings before the one above (none: not timed again)
+                    "until_tpot_ms": r.get("until_tpot_ms"),
+                    "earlier_timings": r.get("earlier_timings", []),
                     "speedup_vs_none": speedup(tpot("target", b), r["tpot_ms"]),
                     "predicted_full_acceptance": None
                     if gamma is None or cb is None
@@ -1342,6 +1398,8 @@ SCHEMA = {
             "prefill_s": NUM,
             "mal": Opt(NUM),
             "all_tokens_zero": bool,
+            "until_tpot_ms": Opt(NUM),
+            "earlier_timings": ListOf({"tpot_ms": NUM, "tpot_ms_repeats": ListOf(NUM), "cpu_repeats": list}),
             "speedup_vs_none": Opt(NUM),
             "predicted_full_acceptance": Opt(NUM),
             "predicted_at_mal": MapOf(Opt(NUM)),
@@ -1570,6 +1628,27 @@ def format_report(doc: dict[str, Any]) -> str:
             " ceiling = (γ+1)·T_target/(T_target+γ·T_drafter); 'at MAL τ' = τ·T_target / measured step)",
         )
     )
+    retimed = [r for r in doc["e2e"] if r.get("until_tpot_ms") is not None]
+    if retimed:
+        rows = [
+            [
+                r["mode"] if r["gamma"] is None else f"{r['mode']} γ={r['gamma']}",
+                r["batch_size"],
+                fmt(r["until_tpot_ms"], 2),
+                len(r["earlier_timings"]) + 1,
+                ", ".join(fmt(t["tpot_ms"], 2) for t in r["earlier_timings"]) or "-",
+                fmt(r["tpot_ms"], 3),
+                "yes" if r["tpot_ms"] <= r["until_tpot_ms"] else "NO",
+            ]
+            for r in retimed
+        ]
+        out.append(
+            format_table(
+                ["engine", "B", "limit ms", "timings", "earlier TPOT ms", "TPOT ms above", "met"],
+                rows,
+                "timed again in one engine while over the limit (--until-tpot; the table above has the last timing)",
+            )
+        )
     if doc["massv_overhead"]:
         rows = [
             [
@@ -1648,6 +1727,17 @@ def format_report(doc: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
+def _until(text: str) -> tuple[int, float]:
+    """``--until-tpot``'s ``B=MS``."""
+    b, sep, ms = text.partition("=")
+    try:
+        if sep and int(b) >= 1 and float(ms) > 0:
+            return int(b), float(ms)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected B=MS, a batch size and a TPOT in ms, e.g. 1=7.77")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from massv_vllm.engine import parse_engine_args
 
@@ -1702,6 +1792,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "run's key: a later call of the whole run reuses them",
     )
     p.add_argument(
+        "--until-tpot",
+        nargs="+",
+        type=_until,
+        metavar="B=MS",
+        default=None,
+        help="with --only ENGINE: time batch size B again in that engine while its TPOT is above MS ms "
+        "(every timing kept in its job file); the table takes the last",
+    )
+    p.add_argument(
+        "--until-seconds",
+        type=float,
+        default=60.0,
+        help="with --until-tpot: seconds per batch size for timing it again (default 60)",
+    )
+    p.add_argument(
         "--interleave",
         action="store_true",
         help="start the engines together and time them in turns, one repeat each (host drift weighs on "
@@ -1748,6 +1853,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         k: getattr(a, k)
         for k in ("jobs", "compile_backend", "fresh", "trace", "models_dir", "interleave", "only")
     }
+    if a.until_tpot:
+        by_name.update(until_tpot=dict(a.until_tpot), until_s=a.until_seconds)
     return cli.run_main(
         run_cost_presets if several else run_cost,
         a,

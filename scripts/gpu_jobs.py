@@ -30,6 +30,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,13 @@ def _cost(preset: str, jobs: str, gammas: str, *extra: str) -> tuple[str, ...]:
 
 
 BEFORE_AFTER = "target drafter stock massv-stockloop massv massv-async"
+# The fast-drafting issue's starting table: stock draft_model, Qwen2.5-VL-7B + 1.5B, γ=5, ms per
+# token at B=1 and 8. Its "Done when" asks the one-run table's stock for no more than these.
+STARTING_STOCK_MS = {1: 7.77, 8: 8.58}
+# cost-gate: seconds to start its engine, time B=1 and 8 once and shut it down (152 s on a fresh
+# machine, tenth session of 2026-12-01), then for up to GATE_UNTIL_S more per batch size it times
+# that batch size again in the same engine while over the above
+GATE_S, GATE_UNTIL_S = 160, 30
 
 
 def _noise(*extra: str) -> tuple[str, ...]:
@@ -110,11 +118,22 @@ JOBS: dict[str, Job] = {
     ),
     # The cell the starting table names (1.5B stock, γ=5) alone, into the folder where cost-both's
     # run keeps that preset (the same key: the run reuses it; cost-both1 times γ=3): timed ~2 min
-    # into the call, `stock-gate` says whether it ran at the starting table's speed, and
-    # `stock-retime` times it again later on the same machine if not.
+    # into the call, again in its engine (~10 s a try) while over the starting table; then
+    # `stock-gate` says whether it ran at that speed, and `stock-retime` times it again later on
+    # the same machine if not.
     "cost-gate": Job(
-        _cost(QWEN15, "stock", "3 5", "--only", "stock-g5"),
-        130,
+        _cost(
+            QWEN15,
+            "stock",
+            "3 5",
+            "--only",
+            "stock-g5",
+            "--until-tpot",
+            *(f"{b}={ms}" for b, ms in STARTING_STOCK_MS.items()),
+            "--until-seconds",
+            str(GATE_UNTIL_S),
+        ),
+        GATE_S + 2 * GATE_UNTIL_S,
         "stock draft_model γ=5 for the 1.5B preset of cost-both, first: `stock-gate` then says whether stock "
         "ran at the starting table's speed here (issue 12)",
         folder=COST_BOTH15,
@@ -391,15 +410,15 @@ def results_folder(name: str, work: Path) -> Path:
     return work / (JOBS[name].folder or name)
 
 
-def command(name: str, work: Path) -> list[str]:
-    """The job's command line, its results going to ``work/<name>``. A timing job also gets
-    ``$GPU_JOBS_COST_ARGS`` (shell words) at its end, so that a setting that `noise-pinned` or
-    `noise-mp` shows to remove the machine's slow repeats can go on every timing run, for example
-    ``--cpus one-per-core:8``; of a repeated option the last one counts."""
+def command(name: str, work: Path, extra: Sequence[str] = ()) -> list[str]:
+    """The job's command line, its results going to ``work/<name>``, ``extra`` at its end. A
+    timing job also gets ``$GPU_JOBS_COST_ARGS`` (shell words) at its end, so that a setting that
+    `noise-pinned` or `noise-mp` shows to remove the machine's slow repeats can go on every timing
+    run, for example ``--cpus one-per-core:8``; of a repeated option the last one counts."""
     argv = [a.replace("{out}", str(results_folder(name, work))) for a in JOBS[name].argv]
     if JOBS[name].timed:
         argv += shlex.split(os.environ.get(COST_ARGS_ENV, ""))
-    return argv
+    return argv + list(extra)
 
 
 def run_job(
@@ -409,8 +428,10 @@ def run_job(
     deadline: float | None = None,
     env: dict[str, str] | None = None,
     cpus: list[int] | None = None,
+    extra: Sequence[str] = (),
 ) -> int:
-    """Run one job (results in ``work``; log and archive in ``out``); returns its exit status.
+    """Run one job (results in ``work``; log and archive in ``out``; ``extra``: words added to its
+    command); returns its exit status.
 
     At ``deadline`` (a ``time.monotonic()`` value) the job's process group is killed and what it
     wrote so far is still archived: the device call's own limit would lose the archive. ``env``
@@ -419,7 +440,7 @@ def run_job(
     inherit it, and OpenMP sizes torch's thread pool to it.
     """
     job = JOBS[name]
-    cmd = command(name, work)
+    cmd = command(name, work, extra)
     log = out / f"{name}.log"
     t0 = time.monotonic()
     if deadline is not None and t0 >= deadline:  # an earlier job of the call took the time left
@@ -558,9 +579,6 @@ def check_host(slow_us: float | None, samples: int, max_slow_share: float | None
     return 3 if slow else 0
 
 
-# The fast-drafting issue's starting table: stock draft_model, Qwen2.5-VL-7B + 1.5B, γ=5, ms per
-# token at B=1 and 8. Its "Done when" asks the one-run table's stock for no more than these.
-STARTING_STOCK_MS = {1: 7.77, 8: 8.58}
 GATE_JOB = f"{COST_BOTH15}/jobs/stock-g5.json"
 
 
@@ -575,8 +593,14 @@ def stock_gate(job: Path, limits: dict[int, float] = STARTING_STOCK_MS) -> int:
     for b, limit in sorted(limits.items()):
         t = rows[b]["tpot_ms"]
         fastest = min(rows[b].get("tpot_ms_repeats") or [t])
+        earlier = [f"{e['tpot_ms']:.2f}" for e in rows[b].get("earlier_timings", [])]
         print(
-            f"[stock-gate] B={b}: stock {t:.2f} ms (fastest {fastest:.2f}), starting table {limit:.2f}",
+            f"[stock-gate] B={b}: stock {t:.2f} ms (fastest {fastest:.2f}), starting table {limit:.2f}"
+            + (
+                f"; timing {len(earlier) + 1} in its engine, before it {', '.join(earlier)}"
+                if earlier
+                else ""
+            ),
             flush=True,
         )
         if t > limit:
@@ -601,16 +625,18 @@ RETIMES = f"{COST_BOTH15}/retimes"  # beside the run's jobs/, so the table does 
 
 def retime_stock(out: Path, work: Path, deadline: float | None) -> int:
     """Time the starting table's stock cell (``cost-gate``) again until ``stock_gate`` passes or
-    the time left would not hold another timing (3). The host's speed switches within seconds to
+    the time left would not hold another engine (3). The host's speed switches within seconds to
     minutes, so a later timing on the same machine can find the speed the starting table was
-    measured at. Each earlier timing is kept in ``RETIMES`` (the README lists them all); a timing
-    cut off before it saved puts the last one back, so the table never loses the cell."""
+    measured at. Each engine times each batch size again for half the time left after its start
+    (``--until-seconds``; its job file keeps those timings); each earlier engine's job is kept in
+    ``RETIMES`` (the README lists them all); one cut off before it saved puts the last one back,
+    so the table never loses the cell."""
     gate, keep = work / GATE_JOB, work / RETIMES
     while True:
         if gate.is_file() and stock_gate(gate) == 0:
             return 0
         left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left < JOBS["cost-gate"].seconds:
+        if left is not None and left < GATE_S:
             print(f"[stock-retime] {left:.0f} s left, too few for another timing", flush=True)
             return 3
         kept = None
@@ -618,7 +644,8 @@ def retime_stock(out: Path, work: Path, deadline: float | None) -> int:
             keep.mkdir(parents=True, exist_ok=True)
             kept = keep / f"stock-g5-{len(list(keep.glob('stock-g5-*.json'))) + 1}.json"
             gate.rename(kept)
-        status = run_job("cost-gate", out, work, deadline)
+        until_s = GATE_UNTIL_S if left is None else max(0, int((left - GATE_S) / 2))
+        status = run_job("cost-gate", out, work, deadline, extra=("--until-seconds", str(until_s)))
         if not gate.is_file():
             if kept is not None:
                 kept.rename(gate)

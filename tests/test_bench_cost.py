@@ -939,3 +939,102 @@ def test_massv_over_stock_is_also_paired_when_timed_in_turns():
     (over,) = summarise(results, [1], [5], [3.2])["massv_overhead"]
     assert over["massv_over_stock_tpot"] == pytest.approx(1.0)
     assert over["paired_massv_over_stock"] == pytest.approx(0.5)
+
+
+def test_until_tpot_times_a_batch_size_again_in_its_engine_until_it_meets_the_limit(monkeypatch):
+    """B=1 runs at 9, then 8, then 7 ms a timing: the third meets 7.5 ms and is kept, the two before
+    it are on record. B=2 stays at 6 ms over its 5 ms limit: timed again while another timing (3 s
+    of repeats on the fake clock) fits in 10 s, then the last one is kept."""
+    from types import SimpleNamespace
+
+    from benchmarks import cost
+
+    clock = [0.0]
+    tpots = {1: iter([9.0] * 3 + [8.0] * 3 + [7.0] * 3 + [1.0] * 3), 2: iter([6.0] * 30)}
+    calls = []
+
+    def repeat(llm, batch, n, tps, label=""):
+        clock[0] += 1.0  # each repeat takes 1 s
+        calls.append(len(batch))
+        steady = next(tpots[len(batch)])
+        return {"t1": 0.01, "tn": 0.1, "engine": None, "steady": steady, "count": 2,
+                "cpu": {"python_us": 600.0}, "decoding": None, "zero": True}  # fmt: skip
+
+    monkeypatch.setattr(cost, "_timed", lambda *a: (0.0, []))
+    monkeypatch.setattr(cost, "_repeat", repeat)
+    monkeypatch.setattr(cost, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    llm = SimpleNamespace(get_metrics=lambda: [])
+    rows = cost.measure(llm, ["p", "q"], [1, 2], 4, 3, 1, until_tpot={1: 7.5, 2: 5.0}, until_s=10.0)
+    assert calls == [1] * 9 + [2] * 9
+    assert rows[0]["tpot_ms"] == 7.0 and rows[0]["until_tpot_ms"] == 7.5
+    assert [t["tpot_ms"] for t in rows[0]["earlier_timings"]] == [9.0, 8.0]
+    assert rows[0]["earlier_timings"][0]["tpot_ms_repeats"] == [9.0] * 3
+    # B=2 timings ran over 0-3, 3-6 and 6-9 s: a fourth would end past 10 s
+    assert rows[1]["tpot_ms"] == 6.0 and [t["tpot_ms"] for t in rows[1]["earlier_timings"]] == [6.0, 6.0]
+    # without a limit, one timing and no record of timings again
+    calls.clear()
+    rows = cost.measure(llm, ["p"], [1], 4, 3, 1)
+    assert calls == [1] * 3 and rows[0]["tpot_ms"] == 1.0 and "earlier_timings" not in rows[0]
+
+
+def test_until_tpot_reaches_the_one_engine_named_and_the_report_lists_every_timing(
+    tmp_path, monkeypatch, capsys
+):
+    """The limits reach run_job for the engine --only names; the report's table of timings again
+    shows the earlier TPOTs and whether the last met the limit; the run's key is the same as
+    without the limits, so the whole run later reuses that engine."""
+    from benchmarks import cost
+
+    got = {}
+    fake = _fake_engines([])
+
+    def run_job(model, spec, prompts, batch_sizes, *a, until_tpot=None, until_s=0.0, **k):
+        got.update(until_tpot=until_tpot, until_s=until_s)
+        res = fake(model, spec, prompts, batch_sizes, *a, **k)
+        for r in res["rows"]:  # B=1 met 4.5 ms on its third timing; B=2 never met 4.0
+            r.update(until_tpot_ms=until_tpot[r["batch_size"]], earlier_timings=[
+                {"tpot_ms": t, "tpot_ms_repeats": [t], "cpu_repeats": []} for t in (9.0, 8.0)
+            ])  # fmt: skip
+        return res
+
+    monkeypatch.setattr(cost, "run_job", run_job)
+    argv = [*_argv(["tiny-qwen"], tmp_path), "--only", "stock-g2"]
+    doc = cost.main([*argv, "--until-tpot", "1=4.5", "2=4.0", "--until-seconds", "30"])
+    assert got == {"until_tpot": {1: 4.5, 2: 4.0}, "until_s": 30.0}
+    assert check_schema(doc, SCHEMA) == []
+    report = capsys.readouterr().out
+    assert "timed again in one engine while over the limit" in report
+    lines = [ln.split() for ln in report.splitlines() if ln.startswith("stock γ=2 ") and "8.00" in ln]
+    # engine, γ, B, limit, timings, earlier, TPOT, met: the fake stock engine runs at 4 ms
+    assert lines == [["stock", "γ=2", "1", "4.50", "3", "9.00,", "8.00", "4.000", "yes"],
+                     ["stock", "γ=2", "2", "4.00", "3", "9.00,", "8.00", "4.000", "yes"]]  # fmt: skip
+    monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("the engine timed again was rerun"))
+    cost.main([*argv, "--until-tpot", "1=4.5"])  # limits are not part of the run's key
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (["--until-tpot", "1=4.5"], r"name it alone with --only \(got None\)"),
+        (["--only", "target", "stock-g2", "--until-tpot", "1=4.5"], "name it alone with --only"),
+        (["--only", "stock-g2", "--until-tpot", "8=4.5"], r"at batch sizes of the run \(\[1, 2\]\)"),
+    ],
+)
+def test_until_tpot_is_refused_unless_it_names_one_engine_at_the_runs_batch_sizes(
+    tmp_path, monkeypatch, change, match
+):
+    from benchmarks import cost
+
+    monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("an engine started"))
+    with pytest.raises(ValueError, match=match):
+        cost.main([*_argv(["tiny-qwen"], tmp_path), *change])
+
+
+@pytest.mark.parametrize("bad", ["1:7.5", "0=7.5", "1=-2", "one=7.5", "1="])
+def test_until_tpot_takes_batch_size_equals_ms(tmp_path, monkeypatch, capsys, bad):
+    from benchmarks import cost
+
+    monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("an engine started"))
+    with pytest.raises(SystemExit):
+        cost.main([*_argv(["tiny-qwen"], tmp_path), "--only", "stock-g2", "--until-tpot", bad])
+    assert f"'{bad}': expected B=MS" in capsys.readouterr().err

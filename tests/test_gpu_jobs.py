@@ -292,10 +292,11 @@ def test_the_gate_times_the_stock_engines_that_cost_both_then_reuses(tmp_path, m
     whole run does not time those engines again."""
     from benchmarks import cost
 
-    ran = []
+    ran, until = [], []
 
-    def run_job(model, spec, prompts, batch_sizes, *a, **k):
+    def run_job(model, spec, prompts, batch_sizes, *a, until_tpot=None, until_s=0.0, **k):
         ran.append((model.parent.name, spec and spec["method"], spec and spec["num_speculative_tokens"]))
+        until.append((until_tpot, until_s))
         rows = [{"batch_size": b, "prefill_s": 0.01, "tpot_ms": 5.0, "mal": spec and 6.0, "all_tokens_zero": True}
                 for b in batch_sizes]  # fmt: skip
         return {"startup_s": 1.0, "zeroed": {"target": ["x"]}, "rows": rows}
@@ -306,6 +307,8 @@ def test_the_gate_times_the_stock_engines_that_cost_both_then_reuses(tmp_path, m
         cost.main(argv[3:])
     p15, p05 = (p.replace("/", "__") for p in (gpu_jobs.QWEN15, gpu_jobs.QWEN05))
     assert ran[:1] == [(p15, "draft_model", 5)]  # the gate times the starting table's cell alone
+    # in its engine again while over the starting table's 7.77 / 8.58 ms, 30 s per batch size
+    assert until[0] == ({1: 7.77, 8: 8.58}, 30.0) and until[1] == (None, 0.0)
     assert (tmp_path / gpu_jobs.GATE_JOB).is_file()
     # the whole run reuses it and times the rest of the stock engines
     assert [r for r in ran[1:] if r[1] == "draft_model"] == [
@@ -332,6 +335,15 @@ def test_the_stock_gate_compares_stock_with_the_starting_table(tmp_path, capsys)
     assert "SLOW at B=[1]" in capsys.readouterr().out
     write(7.70, 8.60)
     assert gpu_jobs.stock_gate(job) == 3
+    rows = json.loads(job.read_text())["rows"]
+    rows[0]["earlier_timings"] = [{"tpot_ms": 12.3}, {"tpot_ms": 9.1}]  # timed again in its engine
+    job.write_text(json.dumps({"rows": rows}))
+    capsys.readouterr()
+    assert gpu_jobs.stock_gate(job) == 3
+    assert (
+        "B=1: stock 7.70 ms (fastest 7.70), starting table 7.77; timing 3 in its engine, before it 12.30, 9.10"
+        in (capsys.readouterr().out)
+    )
     job.write_text(json.dumps({"rows": [{"batch_size": 1, "tpot_ms": 7.0}]}))
     with pytest.raises(SystemExit, match=r"no batch size \[8\]"):
         gpu_jobs.stock_gate(job)
@@ -339,13 +351,14 @@ def test_the_stock_gate_compares_stock_with_the_starting_table(tmp_path, capsys)
 
 def _gate_timings(monkeypatch, tmp_path, tpots):
     """A fake ``cost-gate`` run per entry of ``tpots`` ((B=1, B=8) ms, or None: cut off before it
-    saved); returns the list of runs made."""
-    runs = []
+    saved); returns the runs made and the words each run added to cost-gate's command."""
+    runs, extras = [], []
 
-    def run_job(name, out, work, deadline=None, **k):
+    def run_job(name, out, work, deadline=None, extra=(), **k):
         assert name == "cost-gate" and work == tmp_path
         b1_b8 = tpots[len(runs)]
         runs.append(b1_b8)
+        extras.append(list(extra))
         if b1_b8 is None:
             return 137
         rows = [{"batch_size": b, "tpot_ms": t} for b, t in zip((1, 8), b1_b8)]
@@ -357,7 +370,7 @@ def _gate_timings(monkeypatch, tmp_path, tpots):
     monkeypatch.setattr(gpu_jobs, "run_job", run_job)
     monkeypatch.setenv("GPU_JOBS_WORK", str(tmp_path))
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
-    return runs
+    return runs, extras
 
 
 def _tpot_b1(path):
@@ -365,9 +378,10 @@ def _tpot_b1(path):
 
 
 def test_stock_retime_times_the_cell_again_until_it_runs_at_the_starting_speed(tmp_path, monkeypatch):
-    runs = _gate_timings(monkeypatch, tmp_path, [(14.1, 14.0), (7.4, 8.9), (7.5, 8.5), (1.0, 1.0)])
+    runs, extras = _gate_timings(monkeypatch, tmp_path, [(14.1, 14.0), (7.4, 8.9), (7.5, 8.5), (1.0, 1.0)])
     assert gpu_jobs.main(["stock-retime"]) == 0
     assert len(runs) == 3  # stops at the first timing under 7.77 / 8.58 ms
+    assert extras[0] == ["--until-seconds", "30"]  # no time limit: the gate's own 30 s per batch size
     assert _tpot_b1(tmp_path / gpu_jobs.GATE_JOB) == 7.5  # the table's cell
     kept = sorted((tmp_path / gpu_jobs.RETIMES).iterdir())
     assert [p.name for p in kept] == ["stock-g5-1.json", "stock-g5-2.json"]
@@ -377,11 +391,12 @@ def test_stock_retime_times_the_cell_again_until_it_runs_at_the_starting_speed(t
 
 
 def test_stock_retime_keeps_the_last_timing_when_one_is_cut_off_or_time_is_short(tmp_path, monkeypatch):
-    runs = _gate_timings(monkeypatch, tmp_path, [(14.1, 14.0), None])
-    assert gpu_jobs.main(["stock-retime"]) == 137
+    runs, extras = _gate_timings(monkeypatch, tmp_path, [(14.1, 14.0), None])
+    assert gpu_jobs.main(["stock-retime", "--time-limit", "400"]) == 137
     assert runs == [(14.1, 14.0), None]
+    # ~400 s left: the engine's start and first timings (160 s), then half the rest per batch size
+    assert extras[1] in (["--until-seconds", "120"], ["--until-seconds", "119"])
     assert _tpot_b1(tmp_path / gpu_jobs.GATE_JOB) == 14.1  # put back: the table still has the cell
     assert not list((tmp_path / gpu_jobs.RETIMES).iterdir())
-    short = gpu_jobs.JOBS["cost-gate"].seconds - 1
-    assert gpu_jobs.main(["stock-retime", "--time-limit", str(short)]) == 3
-    assert len(runs) == 2  # no timing started that could not finish
+    assert gpu_jobs.main(["stock-retime", "--time-limit", "159"]) == 3
+    assert len(runs) == 2  # no engine started that could not time the cell once

@@ -394,9 +394,9 @@ def test_stock_retime_keeps_the_last_timing_when_one_is_cut_off_or_time_is_short
     runs, extras = _gate_timings(monkeypatch, tmp_path, [(14.1, 14.0), None])
     assert gpu_jobs.main(["stock-retime", "--time-limit", "400"]) == 137
     assert runs == [(14.1, 14.0), None]
-    # ~400 s left: the engine's start and first timings (160 s), then half the rest per batch size
-    assert extras[1] in (["--until-seconds", "120"], ["--until-seconds", "119"])
+    # ~400 s left: the engine's start and first timings (180 s), then half the rest per batch size
+    assert extras[1] in (["--until-seconds", "110"], ["--until-seconds", "109"])
     assert _tpot_b1(tmp_path / gpu_jobs.GATE_JOB) == 14.1  # put back: the table still has the cell
     assert not list((tmp_path / gpu_jobs.RETIMES).iterdir())
-    assert gpu_jobs.main(["stock-retime", "--time-limit", "159"]) == 3
+    assert gpu_jobs.main(["stock-retime", "--time-limit", "179"]) == 3
     assert len(runs) == 2  # no engine started that could not time the cell once

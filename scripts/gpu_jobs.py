@@ -694,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
             help="seconds for all the jobs together; a job still running then is killed and archived",
         )
     a = p.parse_args(argv)
+    limit = getattr(a, "time_limit", None)  # run, lanes and stock-retime take one
+    deadline = None if limit is None else time.monotonic() + limit
     if a.cmd == "host":
         return check_host(a.slow_us, a.samples, a.max_slow_share)
     if a.cmd == "stock-gate":
@@ -703,7 +705,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:15s} ~{job.seconds:4d} s  {job.shows}")
         return 0
     if a.cmd == "stock-retime":
-        deadline = None if a.time_limit is None else time.monotonic() + a.time_limit
         return retime_stock(*out_and_work(), deadline)
     lanes = [a.jobs] if a.cmd == "run" else [lane.split() for lane in a.lanes]
     unknown = sorted({n for lane in lanes for n in lane} - set(JOBS))
@@ -722,7 +723,6 @@ def main(argv: list[str] | None = None) -> int:
             f"[gpu_jobs] warning: these jobs are expected to take ~{total} s, more than one call", flush=True
         )
     out, work = out_and_work()
-    deadline = None if a.time_limit is None else time.monotonic() + a.time_limit
     if a.cmd == "run":
         return sum(run_job(n, out, work, deadline) != 0 for n in a.jobs)
     return run_lanes(lanes, out, work, deadline)

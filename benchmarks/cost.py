@@ -1803,7 +1803,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--until-seconds",
         type=float,
-        default=60.0,
+        default=None,
         help="with --until-tpot: seconds per batch size for timing it again (default 60)",
     )
     p.add_argument(
@@ -1853,8 +1853,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         k: getattr(a, k)
         for k in ("jobs", "compile_backend", "fresh", "trace", "models_dir", "interleave", "only")
     }
+    if a.until_seconds is not None and not a.until_tpot:
+        p.error("--until-seconds: only with --until-tpot (it bounds the timings again that that asks for)")
     if a.until_tpot:
-        by_name.update(until_tpot=dict(a.until_tpot), until_s=a.until_seconds)
+        by_name.update(
+            until_tpot=dict(a.until_tpot), until_s=60.0 if a.until_seconds is None else a.until_seconds
+        )
     return cli.run_main(
         run_cost_presets if several else run_cost,
         a,

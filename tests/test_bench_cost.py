@@ -1038,3 +1038,12 @@ def test_until_tpot_takes_batch_size_equals_ms(tmp_path, monkeypatch, capsys, ba
     with pytest.raises(SystemExit):
         cost.main([*_argv(["tiny-qwen"], tmp_path), "--only", "stock-g2", "--until-tpot", bad])
     assert f"'{bad}': expected B=MS" in capsys.readouterr().err
+
+
+def test_until_seconds_alone_is_refused(tmp_path, monkeypatch, capsys):
+    from benchmarks import cost
+
+    monkeypatch.setattr(cost, "run_job", lambda *a, **k: pytest.fail("an engine started"))
+    with pytest.raises(SystemExit):
+        cost.main([*_argv(["tiny-qwen"], tmp_path), "--only", "stock-g2", "--until-seconds", "30"])
+    assert "--until-seconds: only with --until-tpot" in capsys.readouterr().err

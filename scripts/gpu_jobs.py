@@ -133,7 +133,7 @@ JOBS: dict[str, Job] = {
             "--until-seconds",
             str(GATE_UNTIL_S),
         ),
-        GATE_S + 2 * GATE_UNTIL_S,
+        GATE_S + len(STARTING_STOCK_MS) * GATE_UNTIL_S,  # the tries run per batch size
         "stock draft_model γ=5 for the 1.5B preset of cost-both, first: `stock-gate` then says whether stock "
         "ran at the starting table's speed here (issue 12)",
         folder=COST_BOTH15,
